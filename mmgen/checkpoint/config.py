@@ -1,0 +1,29 @@
+# Typed configuration of checkpointing (Hydra group `checkpoint/`).
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CheckpointConfig:
+    """Args:
+        enabled: write checkpoints at all.
+        every: optimizer steps between checkpoints (and one at the end of the run).
+        keep_last: complete checkpoints kept; older ones are deleted after a new one lands.
+        resume: ``auto`` (newest complete checkpoint in the run directory, if any), ``none``,
+            or a path to a checkpoint directory (``.../step_0000100``).
+        init_from: path of a checkpoint (or exported .safetensors) whose *model weights*
+            initialise a new run (no optimizer/data state), e.g. to fine-tune.
+    """
+
+    enabled: bool = True
+    every: int = 500
+    keep_last: int = 3
+    resume: str = "auto"
+    init_from: str = ""
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"checkpoint.every must be >= 1, got {self.every}")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")

@@ -1,0 +1,135 @@
+# The `mmgen` command: data, sample, eval, export (training is `mmgen-train`).
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _load_run(run: str, overrides: list[str] | None = None):
+    """Rebuild the job config and the plain model (newest checkpoint) of a run directory."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mmgen.checkpoint.export import find_checkpoint, load_model_weights
+    from mmgen.cli.preflight import register_resolvers
+    from mmgen.config import JobConfig
+    from mmgen.models import build_model
+
+    register_resolvers()
+    cfg_file = Path(run) / "config.yaml"
+    if not cfg_file.is_file():
+        raise SystemExit(f"mmgen: error: {run} is not a run directory (no config.yaml)")
+    cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(cfg_file),
+                          OmegaConf.from_dotlist(overrides or []))
+    job = OmegaConf.to_object(cfg)
+    job.validate()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(job.model).to(device)
+    ckpt = find_checkpoint(run)
+    load_model_weights(model, ckpt)
+    model.eval()
+    return job, model, ckpt
+
+
+def cmd_make_shapes(a) -> None:
+    from mmgen.data.shapes import make_splits
+
+    paths = make_splits(a.out, num_train=a.train, num_val=a.val, image_size=a.image_size,
+                        seed=a.seed, samples_per_shard=a.per_shard)
+    print(f"wrote shapes shards under {a.out}: {paths}")
+
+
+def cmd_sample(a) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from mmgen.data.patches import to_uint8, to_unit
+    from mmgen.evaluation.shapes import save_grid
+    from mmgen.models.tokenizers.text import build_tokenizer
+    from mmgen.sampling import generate_captions, generate_images
+
+    job, model, ckpt = _load_run(a.run, a.set)
+    tok = build_tokenizer(job.data.tokenizer)
+    dev = next(model.parameters()).device
+    if a.prompt:
+        grid = job.data.image_size // job.data.patch_size
+        imgs = generate_images(model, tok, a.prompt, (grid, grid), job.data.patch_size, job.sampler, dev)
+        out = Path(a.out)
+        save_grid([to_uint8(i) for i in imgs], a.prompt, out)
+        print(f"{len(imgs)} images from {ckpt} -> {out.resolve()}")
+    for path in a.image or []:
+        img = Image.open(path).convert("RGB").resize((job.data.image_size,) * 2)
+        text = generate_captions(model, tok, to_unit(np.asarray(img))[None], job.data.patch_size,
+                                 job.sampler, dev)[0]
+        print(f"{path}: {text}")
+
+
+def cmd_eval_shapes(a) -> None:
+    from mmgen.evaluation.run_eval import evaluate_shapes, print_report
+    from mmgen.models.tokenizers.text import build_tokenizer
+
+    job, model, ckpt = _load_run(a.run, a.set)
+    report = evaluate_shapes(model, build_tokenizer(job.data.tokenizer), job,
+                             Path(a.out or Path(a.run) / "eval"), a.num_samples)
+    report["checkpoint"] = str(ckpt)
+    print_report(report)
+
+
+def cmd_export(a) -> None:
+    from mmgen.checkpoint.export import export_safetensors
+
+    out = export_safetensors(a.run, a.out)
+    print(f"exported {out.resolve()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmgen", description="mmgen tools (training: mmgen-train)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets and shards").add_subparsers(dest="data_command", required=True)
+    ms = data.add_parser("make-shapes", help="write the embedded captioned-shapes dataset as WebDataset shards")
+    ms.add_argument("--out", default="data/shapes")
+    ms.add_argument("--train", type=int, default=20000, help="training samples")
+    ms.add_argument("--val", type=int, default=1000, help="held-out samples")
+    ms.add_argument("--image-size", type=int, default=32)
+    ms.add_argument("--per-shard", type=int, default=1000)
+    ms.add_argument("--seed", type=int, default=0)
+    ms.set_defaults(func=cmd_make_shapes)
+
+    sp = sub.add_parser("sample", help="generate images from captions and/or captions from images")
+    sp.add_argument("run", help="run directory (newest checkpoint) or checkpoint directory's run")
+    sp.add_argument("--prompt", action="append", help="caption to draw (repeatable)")
+    sp.add_argument("--image", action="append", help="image file to caption (repeatable)")
+    sp.add_argument("--out", default="samples.png")
+    sp.add_argument("--set", action="append", default=[], help="config override, e.g. sampler.guidance=5")
+    sp.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("eval", help="evaluate a run").add_subparsers(dest="eval_command", required=True)
+    es = ev.add_parser("shapes", help="score generated images and captions on held-out shapes")
+    es.add_argument("run")
+    es.add_argument("--num-samples", type=int, default=200)
+    es.add_argument("--out", default="")
+    es.add_argument("--set", action="append", default=[], help="config override, e.g. sampler.steps=50")
+    es.set_defaults(func=cmd_eval_shapes)
+
+    ex = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file")
+    ex.add_argument("run", help="run or checkpoint directory")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mmgen: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+# Typed configuration of metrics and dashboards (Hydra group `metrics/`).
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MetricsConfig:
+    """Args:
+        wandb: also log to Weights & Biases (``metrics.jsonl`` is always written).
+        wandb_mode: ``offline`` (no network; sync later with ``wandb sync``) or ``online``.
+        wandb_project, wandb_entity, wandb_group, tags: W&B run placement.
+        progress: show a progress bar on rank 0.
+        peak_tflops: accelerator peak for MFU; 0 = detect (H100/H200 bf16 dense: 989).
+    """
+
+    wandb: bool = False
+    wandb_mode: str = "offline"
+    wandb_project: str = "mmgen"
+    wandb_entity: str = ""
+    wandb_group: str = ""
+    tags: list[str] = field(default_factory=list)
+    progress: bool = True
+    peak_tflops: float = 0.0
+
+    def validate(self) -> None:
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"metrics.wandb_mode='{self.wandb_mode}' must be offline, online or disabled")

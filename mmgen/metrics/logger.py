@@ -1,0 +1,108 @@
+# One metrics processor: JSONL always, W&B optionally (null object otherwise), a progress bar.
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from mmgen.metrics.config import MetricsConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak (TFLOP/s) by device name fragment, for MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+
+def detect_peak_tflops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+
+
+class _NullWandb:
+    def log(self, *a, **k): pass
+    def finish(self, *a, **k): pass
+
+
+def _init_wandb(cfg: MetricsConfig, run_dir: Path, name: str, config: dict, tags: list[str]):
+    if not cfg.wandb or cfg.wandb_mode == "disabled":
+        return _NullWandb()
+    import wandb
+
+    return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None,
+                      group=cfg.wandb_group or None, name=name, id=_stable_id(run_dir),
+                      resume="allow", dir=str(run_dir), mode=cfg.wandb_mode,
+                      config=config, tags=list(cfg.tags) + tags)
+
+
+def _stable_id(run_dir: Path) -> str:
+    """Same run directory -> same W&B run id, so a resumed job continues its W&B run."""
+    f = run_dir / "wandb_id.txt"
+    if f.is_file():
+        return f.read_text().strip()
+    import uuid
+
+    rid = uuid.uuid4().hex[:12]
+    f.write_text(rid)
+    return rid
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks get a logger whose methods do nothing."""
+
+    def __init__(self, cfg: MetricsConfig, run_dir: Path, is_main: bool, name: str = "",
+                 config: dict | None = None, tags: list[str] | None = None, total_steps: int = 0):
+        self.is_main = is_main
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self._file = None
+        self._bar = None
+        self.wandb = _NullWandb()
+        if not is_main:
+            return
+        self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.wandb = _init_wandb(cfg, self.run_dir, name, config or {}, tags or [])
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, dynamic_ncols=True, desc="train", mininterval=1.0)
+
+    def set_progress(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.is_main:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) or torch.is_tensor(v) else v)
+                 for k, v in values.items()}
+        record = {"step": step, "time": round(time.time(), 3), **clean}
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self.wandb.log(clean, step=step)
+        if self._bar is not None:
+            self._bar.n = step
+            short = {k.split("/")[-1]: v for k, v in clean.items()
+                     if k in ("loss/total", "loss/text", "loss/visual", "perf/tokens_per_s")}
+            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else v)
+                                   for k, v in short.items()}, refresh=True)
+
+    def log_image(self, step: int, key: str, path: Path, caption: str = "") -> None:
+        if not self.is_main or isinstance(self.wandb, _NullWandb):
+            return
+        import wandb
+
+        self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+        self.wandb.finish()

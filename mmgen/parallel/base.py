@@ -1,0 +1,63 @@
+# The interface every parallelism backend implements; the trainer only talks to this.
+"""An ``Engine`` owns the (possibly wrapped) model and its optimizer and hides how gradients
+are synchronised and how state is sharded. DDP is the first implementation; DeepSpeed ZeRO,
+FSDP2 and megatron-core plug in behind the same methods without changes to the loop."""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from mmgen.parallel.dist import DistInfo
+
+
+class Engine(ABC):
+    """What the trainer steps.
+
+    Attributes:
+        model: callable used for training forwards (may be a wrapper such as DDP).
+        module: the plain single-device model (sampling, evaluation, export).
+        optimizer: the optimizer the LR scheduler drives.
+        dist: rank/world/device of this process.
+        dp_size: data-parallel degree (ranks that see different data).
+    """
+
+    model: torch.nn.Module
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dist: DistInfo
+
+    @property
+    def dp_size(self) -> int:
+        return self.dist.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dist.rank
+
+    def accumulate(self, is_last_microbatch: bool):
+        """Context for one micro-batch's forward+backward; gradient sync only on the last."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss that is already normalised by *global* counts: backends that
+        average gradients over data-parallel ranks must undo that average here."""
+
+    @abstractmethod
+    def step(self, grad_clip: float) -> torch.Tensor:
+        """Clip (if > 0), step the optimizer, zero gradients; returns the pre-clip grad norm."""
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write model and optimizer state under ``path`` (called on every rank)."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Restore what :meth:`save` wrote (called on every rank)."""
+
+    @abstractmethod
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded plain-model state on rank 0 (export)."""

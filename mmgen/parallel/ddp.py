@@ -1,0 +1,63 @@
+# DDP backend: replicated model and optimizer, gradients all-reduced by DistributedDataParallel.
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from mmgen.optim import OptimConfig, build_optimizer
+from mmgen.parallel.base import Engine
+from mmgen.parallel.config import ParallelConfig
+from mmgen.parallel.dist import DistInfo
+
+
+class DDPEngine(Engine):
+    """One process: the plain model. Several: DDP over gloo (CPU) or NCCL (GPU)."""
+
+    def __init__(self, module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, dist: DistInfo):
+        self.module = module
+        self.dist = dist
+        if dist.world_size > 1:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.model = DistributedDataParallel(
+                module, device_ids=ids, bucket_cap_mb=cfg.bucket_cap_mb,
+                find_unused_parameters=cfg.find_unused_parameters)
+        else:
+            self.model = module
+        self.optimizer = build_optimizer(optim, module)
+
+    def accumulate(self, is_last_microbatch: bool):
+        if isinstance(self.model, DistributedDataParallel) and not is_last_microbatch:
+            return self.model.no_sync()
+        return super().accumulate(is_last_microbatch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DDP averages gradients over ranks; the loss is a global sum-normalised value, so the
+        # correct gradient is the sum over ranks: scale by the data-parallel size.
+        (loss * self.dp_size).backward()
+
+    def step(self, grad_clip: float) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = grad_clip if grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def save(self, path: Path) -> None:
+        if self.dist.is_main:  # replicated state: one copy is the whole state
+            torch.save(self.module.state_dict(), path / "model.pt")
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+
+    def load(self, path: Path) -> None:
+        dev = self.dist.device
+        self.module.load_state_dict(torch.load(path / "model.pt", map_location=dev, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+
+def apply_ddp(module, cfg: ParallelConfig, optim: OptimConfig, dist: DistInfo) -> DDPEngine:
+    return DDPEngine(module, cfg, optim, dist)

@@ -1,0 +1,50 @@
+# Typed configuration of the training loop (Hydra group `trainer/`).
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainerConfig:
+    """Args:
+        steps: optimizer steps in the run (the LR schedule spans them).
+        grad_accum: micro-batches per optimizer step, per rank.
+        seed: seeds model init, objective noise and data order.
+        device: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
+        compile: torch.compile each transformer block (GPU runs; ~80 s per model on CPU).
+        num_threads: CPU intra-op threads (0 keeps torch's default).
+        log_every: optimizer steps between metric records.
+        sample_every: steps between sample grids (0: never during training).
+        num_samples: prompts in each periodic sample grid.
+        max_minutes: stop (with a checkpoint) after this wall time; 0 disables. For
+            fixed-budget benchmarks.
+        eval_at_end: score samples on the held-out split when training ends (shapes data).
+        eval_samples: held-out prompts/images scored at the end.
+    """
+
+    steps: int = 1000
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    num_threads: int = 0
+    log_every: int = 10
+    sample_every: int = 0
+    num_samples: int = 16
+    max_minutes: float = 0.0
+    eval_at_end: bool = False
+    eval_samples: int = 200
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.grad_accum < 1:
+            raise ValueError(f"trainer.steps and trainer.grad_accum must be >= 1 (got {self.steps}, {self.grad_accum})")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"trainer.device='{self.device}' must be auto, cpu or cuda")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"trainer.precision='{self.precision}' must be auto, bf16 or fp32")
+        if self.log_every < 1:
+            raise ValueError("trainer.log_every must be >= 1")
+        if self.sample_every < 0 or self.max_minutes < 0 or self.num_threads < 0:
+            raise ValueError("trainer.sample_every, max_minutes and num_threads must be >= 0")

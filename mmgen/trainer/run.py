@@ -1,0 +1,74 @@
+# Job set-up around the Trainer: logging, process group, run-directory records, final eval.
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mmgen.config import JobConfig, to_yaml
+from mmgen.parallel.dist import DistInfo, barrier, init_distributed, shutdown
+
+log = logging.getLogger("mmgen")
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = f"[%(asctime)s rank{rank} %(name)s] %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+
+
+def git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_run_records(job: JobConfig, run_dir: Path, argv: list[str], dist: DistInfo) -> None:
+    """config.yaml (resolved), command line, git SHA and world layout, by rank 0."""
+    if not dist.is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(job))
+    launch = {"argv": argv, "git_sha": git_sha(), "world_size": dist.world_size,
+              "torch": torch.__version__, "cwd": os.getcwd(),
+              "env": {k: v for k, v in os.environ.items()
+                      if k.startswith(("SLURM_JOB", "MASTER_", "WORLD_SIZE", "NCCL_", "OMP_NUM"))}}
+    (run_dir / "launch.json").write_text(json.dumps(launch, indent=2))
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(" ".join(argv) + "\n")
+
+
+def run_training(job: JobConfig, argv: list[str]) -> None:
+    dist = init_distributed(job.trainer.device, job.parallel.dist_backend, job.parallel.timeout_minutes)
+    setup_logging(dist.rank)
+    if job.trainer.num_threads:
+        torch.set_num_threads(job.trainer.num_threads)
+    run_dir = Path(job.run_dir)
+    write_run_records(job, run_dir, argv, dist)
+    barrier()
+    try:
+        from mmgen.trainer.trainer import Trainer
+
+        trainer = Trainer(job, dist)
+        state = trainer.train()
+        log.info("finished at step %d (%d tokens) in %s", state.step, state.tokens_seen, run_dir)
+        if job.trainer.eval_at_end and dist.is_main:
+            from mmgen.evaluation.run_eval import evaluate_shapes, print_report
+
+            report = evaluate_shapes(trainer.engine.module, trainer.tokenizer, job, run_dir / "eval",
+                                     job.trainer.eval_samples)
+            print_report(report)
+        barrier()
+    finally:
+        shutdown()

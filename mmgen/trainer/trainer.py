@@ -1,0 +1,216 @@
+# The training loop: build_* steps, then a short loop that delegates to train_step.
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mmgen.checkpoint.manager import CheckpointManager
+from mmgen.config import JobConfig
+from mmgen.data import build_dataloader
+from mmgen.metrics.logger import MetricsLogger, detect_peak_tflops
+from mmgen.models import build_model, flops_per_token, num_params
+from mmgen.models.tokenizers.text import build_tokenizer
+from mmgen.objectives import build_objective, weighted_total
+from mmgen.optim import build_scheduler
+from mmgen.parallel import build_engine
+from mmgen.parallel.dist import DistInfo, all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Scalar progress saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    visual_positions_seen: int = 0
+    elapsed_s: float = 0.0
+    nonfinite_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, job: JobConfig, dist: DistInfo):
+        self.job, self.dist = job, dist
+        self.run_dir = Path(job.run_dir)
+        self.tokenizer = build_tokenizer(job.data.tokenizer)
+        self.state = TrainState()
+        self.build_data()  # first: a bad shard pattern fails before any model is built
+        self.build_model_and_engine()
+        self.build_objective()
+        self.ckpt = CheckpointManager(job.checkpoint, self.run_dir, dist.rank, dist.world_size)
+        self.maybe_resume()
+        self.build_metrics()
+
+    # -- build steps --------------------------------------------------------------------
+    def build_model_and_engine(self) -> None:
+        job, dev = self.job, self.dist.device
+        torch.manual_seed(job.trainer.seed)  # same seed -> same weights under any layout
+        with torch.device("meta"):
+            model = build_model(job.model)
+        model.to_empty(device=dev)
+        model.init_weights()
+        if job.checkpoint.init_from:
+            from mmgen.checkpoint.export import load_model_weights
+
+            load_model_weights(model, job.checkpoint.init_from)
+        if job.trainer.compile:
+            for i, block in enumerate(model.layers):
+                model.layers[i] = torch.compile(block)
+        self.engine = build_engine(model, job.parallel, job.optim, self.dist)
+        self.scheduler = build_scheduler(job.optim, self.engine.optimizer, job.trainer.steps)
+        self.num_params = num_params(model)
+        self.flops_per_token = flops_per_token(job.model, job.data.seq_len)
+        log.info("model %s: %.2fM parameters (non-embedding), %s", job.model.name,
+                 self.num_params / 1e6, dev)
+
+    def build_objective(self) -> None:
+        self.objective = build_objective(self.job.objective)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.job.trainer.seed * 1_000_003 + self.dist.rank)
+
+    def build_data(self) -> None:
+        self.loader = build_dataloader(self.job.data, self.tokenizer, self.dist.rank,
+                                       self.dist.world_size, split="train")
+        self.data_iter = None
+
+    def build_metrics(self) -> None:
+        from mmgen.config import to_yaml
+        import yaml
+
+        job = self.job
+        self.peak_tflops = job.metrics.peak_tflops or detect_peak_tflops(self.dist.device)
+        self.metrics = MetricsLogger(
+            job.metrics, self.run_dir, self.dist.is_main, name=job.name,
+            config=yaml.safe_load(to_yaml(job)), total_steps=job.trainer.steps,
+            tags=[job.model.name, job.objective.name, job.parallel.name, job.data.name])
+        self.metrics.set_progress(self.state.step)
+
+    def maybe_resume(self) -> None:
+        path = self.ckpt.resume_path()
+        if path is None:
+            return
+        train_state, rank_state = self.ckpt.load(path, self.engine)
+        self.state = train_state["state"]
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        if "generator" in rank_state:
+            self.generator.set_state(rank_state["generator"])
+        if "data" in rank_state:
+            self.loader.load_state_dict(rank_state["data"])
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # -- the loop -----------------------------------------------------------------------
+    def train(self) -> TrainState:
+        job = self.job.trainer
+        self.data_iter = iter(self.loader)
+        start = time.time() - self.state.elapsed_s
+        while self.state.step < job.steps:
+            t0 = time.perf_counter()
+            batches, wait = self.next_batches()
+            stats = self.train_step(batches)
+            self.state.step += 1
+            self.state.elapsed_s = time.time() - start
+            stats.update(self.perf_stats(stats, time.perf_counter() - t0, wait))
+            if self.state.step % job.log_every == 0 or self.state.step == job.steps:
+                self.metrics.log(self.state.step, stats)
+            if job.sample_every and self.state.step % job.sample_every == 0:
+                self.log_samples()
+            out_of_time = self.out_of_time(start)
+            if self.state.step % self.job.checkpoint.every == 0 or out_of_time:
+                self.save_checkpoint()
+            if out_of_time:
+                log.info("trainer.max_minutes=%s reached at step %d", job.max_minutes, self.state.step)
+                break
+        if self.job.checkpoint.enabled and not self.ckpt_is_current():
+            self.save_checkpoint()
+        self.metrics.close()
+        return self.state
+
+    def next_batches(self):
+        t0 = time.perf_counter()
+        dev = self.dist.device
+        batches = [next(self.data_iter).to(dev, non_blocking=True) for _ in range(self.job.trainer.grad_accum)]
+        return batches, time.perf_counter() - t0
+
+    def autocast(self):
+        prec = self.job.trainer.precision
+        dev = self.dist.device
+        if prec == "bf16" or (prec == "auto" and dev.type == "cuda"):
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; losses use global counts."""
+        counts = [self.objective.local_counts(b) for b in batches]
+        names = sorted(counts[0])
+        local = torch.tensor([[float(c[n]) for n in names] for c in counts]).sum(0)
+        denominators = dict(zip(names, all_reduce_sum(local.to(self.dist.device)).clamp(min=1)))
+        weights = self.job.objective.weights
+        loss_sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            with self.engine.accumulate(i == len(batches) - 1):
+                with self.autocast():
+                    losses = self.objective(self.engine.model, batch, denominators, self.generator)
+                    total = weighted_total(losses, weights)
+                self.engine.backward(total)
+            for k, v in {**losses, "total": total}.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
+        grad_norm = self.engine.step(self.job.optim.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        keys = sorted(loss_sums)
+        tokens = float(sum(b.num_tokens() for b in batches))
+        reduced = all_reduce_sum(torch.stack([loss_sums[k] for k in keys] + [
+            torch.tensor(tokens, device=self.dist.device)]))
+        self.state.tokens_seen += int(reduced[-1])
+        self.state.visual_positions_seen += int(denominators.get("visual", torch.tensor(0)))
+        stats = {f"loss/{k}": float(reduced[i]) for i, k in enumerate(keys)}
+        stats.update({"optim/grad_norm": float(grad_norm), "optim/lr": lr, "_tokens": float(reduced[-1])})
+        return stats
+
+    def perf_stats(self, stats: dict, step_s: float, wait_s: float) -> dict:
+        tokens = stats.pop("_tokens")
+        tps = tokens / max(step_s, 1e-9)
+        out = {"perf/tokens_per_s": tps, "perf/step_s": step_s, "perf/data_wait_frac": wait_s / max(step_s, 1e-9),
+               "progress/tokens_seen": self.state.tokens_seen}
+        if self.peak_tflops:
+            out["perf/mfu"] = self.flops_per_token * tps / (self.peak_tflops * 1e12 * self.dist.world_size)
+            out["perf/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+
+    def out_of_time(self, start: float) -> bool:
+        budget = self.job.trainer.max_minutes
+        if not budget:
+            return False
+        flag = torch.tensor(float(time.time() - start > budget * 60), device=self.dist.device)
+        return bool(all_reduce_sum(flag) > 0)  # all ranks stop at the same step
+
+    # -- checkpoints and samples ----------------------------------------------------------
+    def ckpt_is_current(self) -> bool:
+        from mmgen.checkpoint.manager import complete_checkpoints
+
+        done = complete_checkpoints(self.ckpt.root)
+        return bool(done) and done[-1].name == f"step_{self.state.step:07d}"
+
+    def save_checkpoint(self) -> None:
+        if not self.job.checkpoint.enabled:
+            return
+        train_state = {"state": self.state, "scheduler": self.scheduler.state_dict()}
+        rank_state = {"generator": self.generator.get_state(), "data": self.loader.state_dict()}
+        path = self.ckpt.save(self.state.step, self.engine, train_state, rank_state)
+        log.info("checkpoint %s", path)
+
+    def log_samples(self) -> None:
+        if not self.dist.is_main:
+            return
+        from mmgen.evaluation.run_eval import sample_grid
+
+        path = self.run_dir / "samples" / f"step_{self.state.step:07d}.png"
+        sample_grid(self.engine.module, self.tokenizer, self.job, path, self.job.trainer.num_samples)
+        self.metrics.log_image(self.state.step, "samples/text_to_image", path)

@@ -1,0 +1,31 @@
+# Shared fixtures: small shapes shards made on the fly, and helpers to run the CLI.
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """A small shapes dataset (train/ and val/) shared by the tests of one session."""
+    from mmgen.data.shapes import make_splits
+
+    out = tmp_path_factory.mktemp("shapes")
+    make_splits(out, num_train=600, num_val=60, image_size=32, seed=0, samples_per_shard=100)
+    return out
+
+
+def data_overrides(shapes_dir: Path) -> list[str]:
+    return [f"data.train_shards={shapes_dir}/train", f"data.val_shards={shapes_dir}/val"]

@@ -1,0 +1,83 @@
+# The config surface: every shipped config composes and validates; bad input fails in one line.
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmgen.cli.preflight import compose_job, config_dir, one_line
+from tests.conftest import BIN, ROOT, run_cli
+
+GROUPS = ["model", "objective", "data", "parallel", "optim", "trainer", "checkpoint", "metrics", "experiment"]
+
+
+def shipped(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_shipped_config_composes(group):
+    options = shipped(group)
+    assert options, f"configs/{group}/ is empty"
+    for opt in options:
+        job = compose_job([f"{group}={opt}"])
+        job.validate()
+
+
+def test_model_flavors_match_the_baseline_shape():
+    job = compose_job(["model=1b"])
+    m = job.model
+    assert (m.dim, m.n_layers, m.n_heads, m.ffn_dim, m.vocab_size) == (2048, 22, 16, 5632, 32000)
+
+
+def test_patch_dim_follows_data_patch_size():
+    assert compose_job(["data.patch_size=8", "data.image_size=32"]).model.patch_dim == 192
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.dimm=3", "dimm"),
+    ("model.dim=abc", "model.dim"),
+    ("model=nope", "model/nope"),
+    ("trainer.steps=0", "trainer.steps"),
+    ("optim.decay=sideways", "optim.decay"),
+    ("data.patch_size=5", "patch"),
+    ("+foo=1", "foo"),
+    ("+model.foo=1", "foo"),
+])
+def test_bad_override_is_one_line_exit_2(tmp_path, override, needle):
+    r = run_cli([str(BIN / "mmgen-train"), override], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("mmgen-train: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may be written for a bad config"
+
+
+def test_bad_value_inside_a_sweep_is_caught_before_launch(tmp_path):
+    r = run_cli([str(BIN / "mmgen-train"), "-m", "optim.lr=1e-3,-1"], cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "optim.lr" in r.stderr
+
+
+def test_cfg_job_prints_resolved_config(tmp_path):
+    r = run_cli([str(BIN / "mmgen-train"), "--cfg", "job", "model.dim=96", "data.patch_size=8"],
+                cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "dim: 96" in r.stdout and "patch_dim: 192" in r.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_one_line_condenses_chained_errors():
+    try:
+        compose_job(["model.dimm=3"])
+    except Exception as e:  # noqa: BLE001
+        msg = one_line(e)
+    assert "\n" not in msg and "dimm" in msg
+
+
+def test_missing_shards_is_one_line_exit_2(tmp_path):
+    r = run_cli([str(BIN / "mmgen-train"), "data.train_shards=nowhere/*.tar", "trainer.steps=1"],
+                cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    err = [l for l in r.stderr.splitlines() if "error" in l]
+    assert err and "nowhere" in err[-1] and "Traceback" not in r.stderr
