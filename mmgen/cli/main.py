@@ -38,7 +38,8 @@ def cmd_make_shapes(a) -> None:
 
     paths = make_splits(a.out, num_train=a.train, num_val=a.val, image_size=a.image_size,
                         seed=a.seed, samples_per_shard=a.per_shard)
-    print(f"wrote shapes shards under {a.out}: {paths}")
+    counts = ", ".join(f"{len(v)} {k} shards" for k, v in paths.items())
+    print(f"wrote {counts} under {Path(a.out).resolve()}")
 
 
 def cmd_sample(a) -> None:

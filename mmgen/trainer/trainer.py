@@ -106,11 +106,13 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # -- the loop -----------------------------------------------------------------------
-    def train(self) -> TrainState:
+    def train(self, stop_at: int | None = None) -> TrainState:
+        """Run to ``trainer.steps`` (or stop early at ``stop_at``, with a checkpoint)."""
         job = self.job.trainer
         self.data_iter = iter(self.loader)
         start = time.time() - self.state.elapsed_s
-        while self.state.step < job.steps:
+        end = min(job.steps, stop_at or job.steps)
+        while self.state.step < end:
             t0 = time.perf_counter()
             batches, wait = self.next_batches()
             stats = self.train_step(batches)
@@ -118,7 +120,7 @@ class Trainer:
             self.state.elapsed_s = time.time() - start
             stats.update(self.perf_stats(stats, time.perf_counter() - t0, wait))
             if self.state.step % job.log_every == 0 or self.state.step == job.steps:
-                self.metrics.log(self.state.step, stats)
+                self.metrics.log(self.state.step, {**stats, **self.data_stats()})
             if job.sample_every and self.state.step % job.sample_every == 0:
                 self.log_samples()
             out_of_time = self.out_of_time(start)
@@ -173,6 +175,13 @@ class Trainer:
         stats = {f"loss/{k}": float(reduced[i]) for i, k in enumerate(keys)}
         stats.update({"optim/grad_norm": float(grad_norm), "optim/lr": lr, "_tokens": float(reduced[-1])})
         return stats
+
+    def data_stats(self) -> dict:
+        s = self.loader.stats()
+        out = {"data/samples_read": s["samples_read"], "data/skipped_total": s["skipped_total"],
+               "data/padding_fraction": s["padding_fraction"], "data/epoch": s["epoch"]}
+        out.update({f"data/skipped/{k}": v for k, v in s["skipped"].items()})
+        return out
 
     def perf_stats(self, stats: dict, step_s: float, wait_s: float) -> dict:
         tokens = stats.pop("_tokens")
