@@ -7,13 +7,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# 2-core CI machines: one intra-op thread per process keeps parallel test processes from
+# fighting over the cores (2 threads were ~20x slower under load).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+                **(env or {})}
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

@@ -15,7 +15,7 @@ from mmgen.parallel.dist import DistInfo
 from tests.conftest import BIN, data_overrides, run_cli
 
 TINY = ["experiment=smoke", "data.seq_len=128", "data.batch_size=4", "trainer.log_every=1",
-        "metrics.progress=false", "optim.warmup_steps=2"]
+        "metrics.progress=false", "optim.warmup_steps=2", "trainer.num_threads=1"]
 
 
 def losses(run_dir: Path) -> dict[int, dict]:

@@ -1,6 +1,7 @@
 # Shapes evaluation of a model: generate images and captions on held-out data and score them.
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -23,6 +24,13 @@ def _device(module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _autocast(device: torch.device):
+    """Samplers run in the model's dtype: bf16 autocast on GPU as in training."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def sample_grid(module, tokenizer, job: JobConfig, path: Path, n: int) -> Path:
     """Text-to-image samples for the first ``n`` held-out captions, as a PNG grid."""
     from mmgen.data.patches import to_uint8
@@ -32,8 +40,9 @@ def sample_grid(module, tokenizer, job: JobConfig, path: Path, n: int) -> Path:
     samples = _held_out(job, n)
     captions = [s[2] for s in samples]
     grid = job.data.image_size // job.data.patch_size
-    imgs = generate_images(module, tokenizer, captions, (grid, grid), job.data.patch_size,
-                           job.sampler, _device(module))
+    with _autocast(_device(module)):
+        imgs = generate_images(module, tokenizer, captions, (grid, grid), job.data.patch_size,
+                               job.sampler, _device(module))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid([to_uint8(im) for im in imgs], captions, path)
     return path
@@ -56,11 +65,12 @@ def evaluate_shapes(module, tokenizer, job: JobConfig, out_dir: Path, n: int, ba
     gen, texts = [], []
     for i in range(0, len(samples), batch):
         chunk = samples[i:i + batch]
-        imgs = generate_images(module, tokenizer, captions[i:i + batch], (grid, grid),
-                               job.data.patch_size, job.sampler, dev)
-        gen += [to_uint8(im) for im in imgs]
         real = torch.stack([to_unit(s[1]) for s in chunk])
-        texts += generate_captions(module, tokenizer, real, job.data.patch_size, job.sampler, dev)
+        with _autocast(dev):
+            imgs = generate_images(module, tokenizer, captions[i:i + batch], (grid, grid),
+                                   job.data.patch_size, job.sampler, dev)
+            texts += generate_captions(module, tokenizer, real, job.data.patch_size, job.sampler, dev)
+        gen += [to_uint8(im) for im in imgs]
     report = {"num_samples": len(samples),
               "image": score_images(gen, specs),
               "caption": score_captions(texts, specs)}

@@ -1,0 +1,68 @@
+# Model registry: named flavors of the unified transformer and the factory that builds one.
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from mmgen.models.config import ModelConfig
+from mmgen.models.transformer import UnifiedTransformer
+
+FLAVORS: dict[str, ModelConfig] = {
+    # trains on a CPU in seconds; exercises GQA and qk-norm
+    "debug": ModelConfig(),
+    # ~100M non-embedding parameters
+    "small": ModelConfig(name="small", dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                         ffn_dim=2048),
+    # the shape of /work/shared/bench/h100_baseline.py (~1.2B)
+    "1b": ModelConfig(name="1b", dim=2048, n_layers=22, n_heads=16, n_kv_heads=16,
+                      ffn_dim=5632, vocab_size=32000, qk_norm=False),
+}
+
+
+def flavor(name: str, **overrides) -> ModelConfig:
+    """A copy of a registered flavor, with field overrides."""
+    if name not in FLAVORS:
+        raise ValueError(f"unknown model flavor '{name}' (available: {', '.join(FLAVORS)})")
+    return dataclasses.replace(FLAVORS[name], **overrides)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> UnifiedTransformer:
+    """Build on the meta device, then materialise on ``device`` and ``init_weights``.
+
+    ``device`` defaults to the current default device; on "meta" (or inside
+    ``with torch.device("meta")``) the model is returned unmaterialised, for a backend to
+    parallelize before ``to_empty`` + ``init_weights``. Both paths give the same weights for
+    the same seed.
+    """
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    with torch.device("meta"):
+        model = UnifiedTransformer(cfg)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        model.init_weights()
+    return model
+
+
+def num_params(model: nn.Module, exclude_embedding: bool = True) -> int:
+    """Parameter count; embedding lookups are excluded by default since they cost no matmul
+    FLOPs (a tied text head still counts, as it is a matmul)."""
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    skip: set[int] = set()
+    if exclude_embedding:
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Embedding) and not (tied and name.endswith("tok_embeddings")):
+                skip.add(id(module.weight))
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, PaLM accounting: 6 N + 12 L d T (attention as if full)."""
+    with torch.device("meta"):
+        n = num_params(UnifiedTransformer(cfg))
+    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+__all__ = ["FLAVORS", "ModelConfig", "UnifiedTransformer", "build_model", "flavor",
+           "flops_per_token", "num_params"]

@@ -16,10 +16,18 @@ from mmgen.parallel.dist import DistInfo, barrier, init_distributed, shutdown
 log = logging.getLogger("mmgen")
 
 
-def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    fmt = f"[%(asctime)s rank{rank} %(name)s] %(message)s"
-    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+def setup_logging(rank: int, run_dir: Path) -> None:
+    """Every rank logs everything to runs/<name>/logs/rank_N.log; the console gets rank 0's
+    INFO and other ranks' warnings."""
+    fmt = logging.Formatter(f"[%(asctime)s rank{rank} %(name)s] %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    file = logging.FileHandler(run_dir / "logs" / f"rank_{rank}.log")
+    handlers = [console, file]
+    for h in handlers:
+        h.setFormatter(fmt)
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
 
 
 def git_sha() -> str:
@@ -51,10 +59,10 @@ def write_run_records(job: JobConfig, run_dir: Path, argv: list[str], dist: Dist
 
 def run_training(job: JobConfig, argv: list[str]) -> None:
     dist = init_distributed(job.trainer.device, job.parallel.dist_backend, job.parallel.timeout_minutes)
-    setup_logging(dist.rank)
+    run_dir = Path(job.run_dir)
+    setup_logging(dist.rank, run_dir)
     if job.trainer.num_threads:
         torch.set_num_threads(job.trainer.num_threads)
-    run_dir = Path(job.run_dir)
     write_run_records(job, run_dir, argv, dist)
     barrier()
     try:

@@ -61,8 +61,8 @@ class Trainer:
 
             load_model_weights(model, job.checkpoint.init_from)
         if job.trainer.compile:
-            for i, block in enumerate(model.layers):
-                model.layers[i] = torch.compile(block)
+            for block in model.layers:  # in place: state-dict keys stay those of the plain model
+                block.compile()
         self.engine = build_engine(model, job.parallel, job.optim, self.dist)
         self.scheduler = build_scheduler(job.optim, self.engine.optimizer, job.trainer.steps)
         self.num_params = num_params(model)
@@ -112,15 +112,18 @@ class Trainer:
         self.data_iter = iter(self.loader)
         start = time.time() - self.state.elapsed_s
         end = min(job.steps, stop_at or job.steps)
+        window = {"tokens": 0.0, "step_s": 0.0, "wait_s": 0.0, "steps": 0}
         while self.state.step < end:
             t0 = time.perf_counter()
             batches, wait = self.next_batches()
             stats = self.train_step(batches)
             self.state.step += 1
             self.state.elapsed_s = time.time() - start
-            stats.update(self.perf_stats(stats, time.perf_counter() - t0, wait))
-            if self.state.step % job.log_every == 0 or self.state.step == job.steps:
-                self.metrics.log(self.state.step, {**stats, **self.data_stats()})
+            window = {"tokens": window["tokens"] + stats.pop("_tokens"), "wait_s": window["wait_s"] + wait,
+                      "step_s": window["step_s"] + time.perf_counter() - t0, "steps": window["steps"] + 1}
+            if self.state.step % job.log_every == 0 or self.state.step == end:
+                self.metrics.log(self.state.step, {**stats, **self.perf_stats(window), **self.data_stats()})
+                window = {"tokens": 0.0, "step_s": 0.0, "wait_s": 0.0, "steps": 0}
             if job.sample_every and self.state.step % job.sample_every == 0:
                 self.log_samples()
             out_of_time = self.out_of_time(start)
@@ -183,13 +186,15 @@ class Trainer:
         out.update({f"data/skipped/{k}": v for k, v in s["skipped"].items()})
         return out
 
-    def perf_stats(self, stats: dict, step_s: float, wait_s: float) -> dict:
-        tokens = stats.pop("_tokens")
-        tps = tokens / max(step_s, 1e-9)
-        out = {"perf/tokens_per_s": tps, "perf/step_s": step_s, "perf/data_wait_frac": wait_s / max(step_s, 1e-9),
+    def perf_stats(self, window: dict) -> dict:
+        """Throughput over the steps since the last record (not just the last step)."""
+        tps = window["tokens"] / max(window["step_s"], 1e-9)
+        out = {"perf/tokens_per_s": tps, "perf/step_s": window["step_s"] / max(window["steps"], 1),
+               "perf/data_wait_frac": window["wait_s"] / max(window["step_s"], 1e-9),
                "progress/tokens_seen": self.state.tokens_seen}
         if self.peak_tflops:
             out["perf/mfu"] = self.flops_per_token * tps / (self.peak_tflops * 1e12 * self.dist.world_size)
+        if self.dist.device.type == "cuda":
             out["perf/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return out
 

@@ -1,0 +1,44 @@
+# Typed configuration of the training objectives (Hydra structured config, group `objective`).
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PREDICTIONS = ("v", "x", "eps")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which objective, how its losses are weighted, and the flow-matching knobs.
+
+    Flow convention: ``x_t = (1 - t) x0 + t noise`` (t = 0 clean, t = 1 noise), velocity
+    ``v = noise - x0``; the loss is always the velocity MSE, whatever the network predicts.
+
+    Args:
+        weights: loss name -> weight in the total (names: "text", "visual").
+        prediction: what the network outputs: "v" (velocity), "x" (clean patches; JiT, Li & He
+            2025, find it much better for high-dimensional pixel patches) or "eps" (noise).
+        time_sampling: "uniform" or "logit_normal" (SD3) for the target spans' t.
+        t_eps: floor of the t (x-prediction) or 1 - t (eps-prediction) divisor when converting
+            a prediction to a velocity.
+    """
+
+    name: str = "transfusion"
+    weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "visual": 1.0})
+    prediction: str = "v"
+    time_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    t_eps: float = 0.05
+
+    def validate(self) -> "ObjectiveConfig":
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"objective.prediction='{self.prediction}' not in {PREDICTIONS}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"objective.time_sampling='{self.time_sampling}' not in "
+                             f"{TIME_SAMPLINGS}")
+        if self.logit_std <= 0:
+            raise ValueError(f"objective.logit_std must be positive, got {self.logit_std}")
+        if not 0 < self.t_eps < 1:
+            raise ValueError(f"objective.t_eps must be in (0, 1), got {self.t_eps}")
+        return self

@@ -1,0 +1,62 @@
+# Image-to-text sampling: greedy byte decoding conditioned on a clean image span.
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mmgen.data.batch import IGNORE_INDEX
+from mmgen.data.patches import patchify
+from mmgen.models.tokenizers.text import ByteTokenizer
+from mmgen.sampling.batching import build_batch, image_to_text_doc
+from mmgen.sampling.config import SamplerConfig
+from mmgen.sampling.mode import inference
+
+
+def _allowed_tokens(tokenizer: ByteTokenizer, vocab: int, device) -> torch.Tensor:
+    # a caption is bytes then EOS; other specials (BOI, PAD...) would corrupt the document
+    allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+    allowed[:tokenizer.num_bytes] = True
+    allowed[tokenizer.eos] = True
+    return allowed
+
+
+def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.Tensor,
+                      patch_size: int, cfg: SamplerConfig, device: torch.device | str) -> list[str]:
+    """Greedy captions for ``images`` (``[n, 3, H, W]`` in [-1, 1]).
+
+    Context ``[BOS] [BOI] <clean condition span, t = 0> [EOI]``; each step re-runs the whole
+    sequence (short captions; no KV cache) and reads the logits at the last position.
+    """
+    grid = (1, images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+    prefixes = [image_to_text_doc(tokenizer, patchify(img.float().cpu(), patch_size), grid)
+                for img in images]
+    generated: list[list[int]] = [[] for _ in prefixes]
+    done = [False] * len(prefixes)
+    # one padded length for every step: compiled attention then sees a single shape
+    seq_len = max(sum(len(s) for s in p) for p in prefixes) + cfg.max_caption_len
+    with inference(model):
+        for _ in range(cfg.max_caption_len):
+            next_ids = _next_tokens(model, tokenizer, prefixes, generated, seq_len, device)
+            for i, tok in enumerate(next_ids):
+                if not done[i]:
+                    done[i] = tok == tokenizer.eos
+                    if not done[i]:
+                        generated[i].append(tok)
+            if all(done):
+                break
+    return [tokenizer.decode(ids) for ids in generated]
+
+
+def _next_tokens(model: nn.Module, tokenizer: ByteTokenizer, prefixes: list, generated: list,
+                 seq_len: int, device) -> list[int]:
+    docs = [prefix + ([ids] if ids else []) for prefix, ids in zip(prefixes, generated)]
+    batch = build_batch(docs, tokenizer, seq_len)
+    last = (batch.document_ids >= 0).sum(dim=1) - 1
+    # the model emits logits only where a target exists: mark each row's last position
+    batch.targets = torch.full_like(batch.targets, IGNORE_INDEX)
+    batch.targets[torch.arange(len(docs)), last] = tokenizer.pad
+    batch = batch.to(device)
+    clean = torch.zeros(len(batch.spans), device=device)          # condition spans: t = 0
+    logits = model(batch, batch.patches, clean)["text_logits"]
+    allowed = _allowed_tokens(tokenizer, logits.shape[-1], logits.device)
+    return logits.float().masked_fill(~allowed, float("-inf")).argmax(-1).tolist()

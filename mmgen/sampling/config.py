@@ -1,0 +1,37 @@
+# Typed configuration of the samplers (Hydra structured config, group `sampling`).
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SamplerConfig:
+    """Knobs of :func:`generate_images` and :func:`generate_captions`.
+
+    Args:
+        steps: Euler steps of the flow ODE from t = 1 (noise) to t = 0 (data).
+        guidance: classifier-free guidance scale; 1.0 disables the unconditional branch.
+        time_shift: SD3-style shift of the time grid, ``t' = s t / (1 + (s - 1) t)``; s > 1
+            spends more steps at high noise, which larger images need.
+        prediction: what the network outputs ("v", "x", "eps"); must equal the objective's.
+        t_eps: divisor floor of the prediction -> velocity conversion (as in the objective).
+        max_caption_len: greedy decoding stops after this many bytes without EOS.
+        seed: seeds the initial noise, so samples are reproducible across calls.
+    """
+
+    steps: int = 20
+    guidance: float = 3.0
+    time_shift: float = 1.0
+    prediction: str = "v"
+    t_eps: float = 0.05
+    max_caption_len: int = 64
+    seed: int = 0
+
+    def validate(self) -> "SamplerConfig":
+        if self.steps <= 0 or self.max_caption_len <= 0:
+            raise ValueError("sampling.steps and sampling.max_caption_len must be positive")
+        if self.time_shift <= 0:
+            raise ValueError(f"sampling.time_shift must be positive, got {self.time_shift}")
+        if self.prediction not in ("v", "x", "eps"):
+            raise ValueError(f"sampling.prediction='{self.prediction}' not in ('v', 'x', 'eps')")
+        return self
