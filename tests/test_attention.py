@@ -11,14 +11,6 @@ from mmgen.models.attention import (attend, build_block_mask, build_dense_mask,
                                     document_mask_mod)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the
-    # OpenMP spin-waits of 2 threads make these tests several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_mask_rule_hand_made():

@@ -11,14 +11,6 @@ from mmgen.objectives import ObjectiveConfig, build_objective, weighted_total
 from mmgen.sampling.batching import image_to_text_doc, pack_rows, text_to_image_doc
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the
-    # OpenMP spin-waits of 2 threads make these tests several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TOK = ByteTokenizer()

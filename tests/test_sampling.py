@@ -10,14 +10,6 @@ from mmgen.sampling import (SamplerConfig, build_batch, generate_captions, gener
                             image_to_text_doc, text_to_image_doc, time_grid)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the
-    # OpenMP spin-waits of 2 threads make these tests several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TOK = ByteTokenizer()

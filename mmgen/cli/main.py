@@ -20,7 +20,7 @@ def _load_run(run: str, overrides: list[str] | None = None):
     register_resolvers()
     cfg_file = Path(run) / "config.yaml"
     if not cfg_file.is_file():
-        raise SystemExit(f"mmgen: error: {run} is not a run directory (no config.yaml)")
+        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml)")
     cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(cfg_file),
                           OmegaConf.from_dotlist(overrides or []))
     job = OmegaConf.to_object(cfg)

@@ -1,0 +1,75 @@
+# The `mmgen` tools on a trained run: export, sample, eval shapes, and their bad-input errors.
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgen.cli.preflight import compose_job
+from tests.conftest import BIN, data_overrides, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained_run(shapes_dir, tmp_path_factory) -> Path:
+    from mmgen.trainer.run import run_training
+
+    run = tmp_path_factory.mktemp("cli") / "runs" / "tiny"
+    job = compose_job(["experiment=smoke", "trainer.steps=6", "checkpoint.every=3", "metrics.progress=false",
+                       "trainer.num_threads=1", *data_overrides(shapes_dir), f"run_dir={run}"])
+    run_training(job, argv=["test"])
+    return run
+
+
+def test_export_loads_into_the_plain_model_and_reproduces_logits(trained_run, tmp_path):
+    from mmgen.checkpoint.export import load_model_weights
+    from mmgen.models import build_model
+    from tests.test_model import make_batch
+
+    out = tmp_path / "model.safetensors"
+    r = run_cli([str(BIN / "mmgen"), "export", str(trained_run), "--out", str(out)], cwd=tmp_path)
+    assert r.returncode == 0 and out.is_file(), r.stderr
+    job = compose_job(["experiment=smoke"])
+    a, b = build_model(job.model), build_model(job.model)
+    load_model_weights(a, out)
+    load_model_weights(b, trained_run / "checkpoints" / "step_0000006")
+    fresh = build_model(job.model)
+    batch = make_batch()
+    with torch.no_grad():
+        la, lb, lf = (m(batch)["text_logits"] for m in (a, b, fresh))
+    assert torch.equal(la, lb) and not torch.allclose(la, lf)
+
+
+def test_sample_writes_images_and_captions(trained_run, shapes_dir, tmp_path):
+    png = tmp_path / "s.png"
+    img = next((shapes_dir / "val").glob("*.tar"))
+    import tarfile
+
+    with tarfile.open(img) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".jpg"))
+        (tmp_path / "x.jpg").write_bytes(t.extractfile(member).read())
+    r = run_cli([str(BIN / "mmgen"), "sample", str(trained_run), "--prompt", "a small red circle at the top",
+                 "--prompt", "a large blue square in the center", "--image", str(tmp_path / "x.jpg"),
+                 "--out", str(png), "--set", "sampler.steps=4"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert Image.open(png).size[0] > 64 and "x.jpg:" in r.stdout
+
+
+def test_eval_shapes_prints_scores_and_grid(trained_run, tmp_path):
+    r = run_cli([str(BIN / "mmgen"), "eval", "shapes", str(trained_run), "--num-samples", "8",
+                 "--out", str(tmp_path / "ev"), "--set", "sampler.steps=4"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    scores = json.loads((tmp_path / "ev" / "scores.json").read_text())
+    assert scores["num_samples"] == 8 and 0 <= scores["image"]["color"] <= 1
+    assert "sample grid:" in r.stdout and (tmp_path / "ev" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("args", [["export", "/nonexistent", "--out", "x.safetensors"],
+                                  ["eval", "shapes", "/nonexistent"],
+                                  ["sample", "/nonexistent", "--prompt", "a"]])
+def test_missing_run_is_one_line_exit_2(args, tmp_path):
+    r = run_cli([str(BIN / "mmgen"), *args], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "error" in r.stderr, r.stderr
