@@ -24,7 +24,25 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Plain-model state dict from any backend's checkpoint layout."""
     if (ckpt / "model.pt").is_file():  # DDP: replicated, one file
         return torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{ckpt}: no model state found (model.pt)")
+    if (ckpt / "deepspeed").is_dir():  # ZeRO: shards in DeepSpeed's layout (mmgen.parallel.deepspeed)
+        return _deepspeed_state_dict(ckpt, "deepspeed")
+    raise FileNotFoundError(f"{ckpt}: no model state found (model.pt or deepspeed/)")
+
+
+def _deepspeed_state_dict(ckpt: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint: ZeRO 1-3 are merged from the optimizer's
+    fp32 master shards by DeepSpeed's own zero_to_fp32; a stage-0 checkpoint is not a ZeRO
+    checkpoint and holds the whole module in ``mp_rank_00_model_states.pt['module']``."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    shards = ckpt / tag
+    if not any(shards.glob("*_optim_states.pt")):
+        states = torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
 
 
 def export_safetensors(path: str | Path, out: str | Path) -> Path:

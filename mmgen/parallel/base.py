@@ -50,6 +50,10 @@ class Engine(ABC):
     def step(self, grad_clip: float) -> torch.Tensor:
         """Clip (if > 0), step the optimizer, zero gradients; returns the pre-clip grad norm."""
 
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients without updating (non-finite loss)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     @abstractmethod
     def save(self, path: Path) -> None:
         """Write model and optimizer state under ``path`` (called on every rank)."""

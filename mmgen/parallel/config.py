@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BACKENDS = ("ddp",)
+# DeepSpeed ZeRO stages are backend names rather than a `zero_stage` field next to a generic
+# `deepspeed` name: `parallel=zero2` selects configs/parallel/zero2.yaml, `parallel.name=zero3`
+# works on the command line too, and no pair of fields can disagree about the stage.
+ZERO_BACKENDS = ("zero1", "zero2", "zero3")
+BACKENDS = ("ddp", *ZERO_BACKENDS)
+ACTIVATION_CHECKPOINTING = ("none", "torch", "deepspeed")
 
 
 @dataclass
@@ -12,11 +17,34 @@ class ParallelConfig:
     backend with ``parallel=<name>`` and nothing else.
 
     Args:
-        name: backend: ``ddp`` (torch DistributedDataParallel; also the single-process path).
+        name: backend: ``ddp`` (torch DistributedDataParallel; also the single-process path),
+            ``zero1`` / ``zero2`` / ``zero3`` (DeepSpeed ZeRO stage 1: optimizer states
+            sharded; 2: + gradients; 3: + parameters). See docs/deepspeed.md.
         dist_backend: ``auto`` (NCCL on CUDA, gloo on CPU), ``nccl`` or ``gloo``.
         timeout_minutes: collective timeout; a hung collective becomes an error after it.
         find_unused_parameters: DDP option, for models with parameters a step may skip.
         bucket_cap_mb: DDP gradient bucket size.
+        activation_checkpointing: recompute each transformer block in the backward instead of
+            keeping its activations: ``none``, ``torch`` (torch.utils.checkpoint, any backend)
+            or ``deepspeed`` (deepspeed.checkpointing, ZeRO backends only).
+        offload: ZeRO: ``cpu`` keeps optimizer states and fp32 master weights in host memory
+            and steps them there; ``none`` keeps them on the device.
+        offload_params: ZeRO-3 with ``offload=cpu``: the parameter shards live in host memory
+            too and are fetched for each forward/backward.
+        overlap_comm: ZeRO: overlap gradient reduction with the backward (more memory).
+        contiguous_gradients: ZeRO: copy gradients into one buffer as they are produced
+            (less fragmentation).
+        reduce_bucket_size: ZeRO: elements reduced per collective.
+        allgather_bucket_size: ZeRO-1/2: elements all-gathered per collective after the step.
+        stage3_prefetch_bucket_size: ZeRO-3: parameter elements fetched ahead of use.
+        stage3_param_persistence_threshold: ZeRO-3: parameters with fewer elements stay whole
+            on every rank (norms, biases); 0 partitions everything.
+        stage3_max_live_parameters: ZeRO-3: gathered elements kept before releasing.
+        stage3_max_reuse_distance: ZeRO-3: keep a gathered parameter if it is used again
+            within this many elements.
+        ds_config: optional path of a DeepSpeed JSON whose fields override what mmgen builds
+            from the fields above (each overridden field is logged as a warning; unknown keys
+            stop the run at start-up).
     """
 
     name: str = "ddp"
@@ -24,6 +52,27 @@ class ParallelConfig:
     timeout_minutes: float = 10.0
     find_unused_parameters: bool = False
     bucket_cap_mb: int = 25
+    activation_checkpointing: str = "none"
+    offload: str = "none"
+    offload_params: bool = False
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
+    ds_config: str = ""
+
+    @property
+    def is_zero(self) -> bool:
+        return self.name in ZERO_BACKENDS
+
+    @property
+    def zero_stage(self) -> int:
+        """ZeRO stage of a ``zero*`` backend (0 for the others)."""
+        return int(self.name[-1]) if self.is_zero else 0
 
     def validate(self) -> None:
         if self.name not in BACKENDS:
@@ -32,3 +81,30 @@ class ParallelConfig:
             raise ValueError(f"parallel.dist_backend='{self.dist_backend}' must be auto, nccl or gloo")
         if self.timeout_minutes <= 0:
             raise ValueError("parallel.timeout_minutes must be > 0")
+        if self.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"parallel.activation_checkpointing='{self.activation_checkpointing}' must be "
+                             f"one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+        if self.activation_checkpointing == "deepspeed" and not self.is_zero:
+            raise ValueError("parallel.activation_checkpointing=deepspeed needs a ZeRO backend "
+                             "(parallel=zero1|zero2|zero3); use 'torch' with ddp")
+        if self.offload not in ("none", "cpu"):
+            raise ValueError(f"parallel.offload='{self.offload}' must be none or cpu")
+        if self.offload != "none" and not self.is_zero:
+            raise ValueError(f"parallel.offload={self.offload} needs a ZeRO backend (parallel=zero1|zero2|zero3)")
+        if self.offload_params and (self.name != "zero3" or self.offload != "cpu"):
+            raise ValueError("parallel.offload_params=true needs parallel=zero3 and parallel.offload=cpu")
+        sizes = {"reduce_bucket_size": self.reduce_bucket_size, "allgather_bucket_size": self.allgather_bucket_size}
+        for key, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"parallel.{key} must be >= 1, got {value}")
+        for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                    "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"parallel.{key} must be >= 0, got {getattr(self, key)}")
+        if self.ds_config:
+            if not self.is_zero:
+                raise ValueError(f"parallel.ds_config is a DeepSpeed JSON; it needs parallel=zero1|zero2|zero3, "
+                                 f"not '{self.name}'")
+            from mmgen.parallel.ds_config import load_user_config
+
+            load_user_config(self.ds_config)  # unknown or mmgen-owned keys: one line, at start-up

@@ -1,7 +1,7 @@
 # Typed configuration of the training loop (Hydra group `trainer/`).
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -21,6 +21,9 @@ class TrainerConfig:
             fixed-budget benchmarks.
         eval_at_end: score samples on the held-out split when training ends (shapes data).
         eval_samples: held-out prompts/images scored at the end.
+        max_nonfinite_steps: consecutive steps with a non-finite loss that are skipped (no
+            update, counted) before the run aborts with a clear message.
+        preemption_signals: signals that mean "checkpoint and exit 3 to be requeued".
     """
 
     steps: int = 1000
@@ -36,6 +39,8 @@ class TrainerConfig:
     max_minutes: float = 0.0
     eval_at_end: bool = False
     eval_samples: int = 200
+    max_nonfinite_steps: int = 5
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     def validate(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:
@@ -46,5 +51,7 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision='{self.precision}' must be auto, bf16 or fp32")
         if self.log_every < 1:
             raise ValueError("trainer.log_every must be >= 1")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError("trainer.max_nonfinite_steps must be >= 0")
         if self.sample_every < 0 or self.max_minutes < 0 or self.num_threads < 0:
             raise ValueError("trainer.sample_every, max_minutes and num_threads must be >= 0")

@@ -57,6 +57,18 @@ def write_run_records(job: JobConfig, run_dir: Path, argv: list[str], dist: Dist
         f.write(" ".join(argv) + "\n")
 
 
+def dist_errors() -> tuple:
+    errs = tuple(getattr(torch.distributed, n) for n in ("DistError", "DistBackendError", "DistNetworkError")
+                 if hasattr(torch.distributed, n))
+    return errs or (RuntimeError,)
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, dist_errors()) or any(w in text for w in ("timed out", "timeout", "gloo", "nccl",
+                                                                       "connection closed", "connection reset"))
+
+
 def run_training(job: JobConfig, argv: list[str]) -> None:
     dist = init_distributed(job.trainer.device, job.parallel.dist_backend, job.parallel.timeout_minutes)
     run_dir = Path(job.run_dir)
@@ -65,11 +77,26 @@ def run_training(job: JobConfig, argv: list[str]) -> None:
         torch.set_num_threads(job.trainer.num_threads)
     write_run_records(job, run_dir, argv, dist)
     barrier()
-    try:
-        from mmgen.trainer.trainer import Trainer
+    from mmgen.trainer.signals import REQUEUE_EXIT_CODE, Preempted
+    from mmgen.trainer.trainer import NonFiniteLossError, Trainer
 
+    try:
         trainer = Trainer(job, dist)
-        state = trainer.train()
+        try:
+            state = trainer.train()
+        except Preempted as e:
+            log.warning("%s", e)
+            sys.exit(REQUEUE_EXIT_CODE)
+        except NonFiniteLossError as e:
+            print(f"mmgen-train: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except (RuntimeError, dist_errors()) as e:
+            if not is_collective_failure(e):
+                raise
+            # a hung or broken collective: name this rank and the failure instead of hanging
+            log.error("rank %d: collective failed after parallel.timeout_minutes=%s: %s", dist.rank,
+                      job.parallel.timeout_minutes, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            sys.exit(1)
         log.info("finished at step %d (%d tokens) in %s", state.step, state.tokens_seen, run_dir)
         if job.trainer.eval_at_end and dist.is_main:
             from mmgen.evaluation.run_eval import evaluate_shapes, print_report

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,22 @@ from mmgen.objectives import build_objective, weighted_total
 from mmgen.optim import build_scheduler
 from mmgen.parallel import build_engine
 from mmgen.parallel.dist import DistInfo, all_reduce_sum
+from mmgen.trainer.signals import Preempted, PreemptionFlag
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+def new_window() -> dict:
+    return {"tokens": 0.0, "step_s": 0.0, "wait_s": 0.0, "steps": 0}
+
+
+def add_to_window(w: dict, tokens: float, step_s: float, wait_s: float) -> dict:
+    return {"tokens": w["tokens"] + tokens, "step_s": w["step_s"] + step_s,
+            "wait_s": w["wait_s"] + wait_s, "steps": w["steps"] + 1}
 
 
 @dataclass
@@ -32,6 +47,7 @@ class TrainState:
     visual_positions_seen: int = 0
     elapsed_s: float = 0.0
     nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -63,9 +79,10 @@ class Trainer:
         if job.trainer.compile:
             for block in model.layers:  # in place: state-dict keys stay those of the plain model
                 block.compile()
-        self.engine = build_engine(model, job.parallel, job.optim, self.dist)
+        self.num_params = num_params(model)  # before the backend: ZeRO-3 leaves shards behind
+        self.engine = build_engine(model, job.parallel, job.optim, self.dist, micro_batch_size=job.data.batch_size,
+                                   grad_accum=job.trainer.grad_accum, precision=job.trainer.precision)
         self.scheduler = build_scheduler(job.optim, self.engine.optimizer, job.trainer.steps)
-        self.num_params = num_params(model)
         self.flops_per_token = flops_per_token(job.model, job.data.seq_len)
         log.info("model %s: %.2fM parameters (non-embedding), %s", job.model.name,
                  self.num_params / 1e6, dev)
@@ -107,35 +124,57 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> TrainState:
-        """Run to ``trainer.steps`` (or stop early at ``stop_at``, with a checkpoint)."""
+        """Run to ``trainer.steps`` (or stop early at ``stop_at``, with a checkpoint).
+
+        Raises ``Preempted`` after checkpointing when a preemption signal arrived."""
         job = self.job.trainer
         self.data_iter = iter(self.loader)
-        start = time.time() - self.state.elapsed_s
+        self.start_time = time.time() - self.state.elapsed_s
         end = min(job.steps, stop_at or job.steps)
-        window = {"tokens": 0.0, "step_s": 0.0, "wait_s": 0.0, "steps": 0}
-        while self.state.step < end:
-            t0 = time.perf_counter()
-            batches, wait = self.next_batches()
-            stats = self.train_step(batches)
-            self.state.step += 1
-            self.state.elapsed_s = time.time() - start
-            window = {"tokens": window["tokens"] + stats.pop("_tokens"), "wait_s": window["wait_s"] + wait,
-                      "step_s": window["step_s"] + time.perf_counter() - t0, "steps": window["steps"] + 1}
-            if self.state.step % job.log_every == 0 or self.state.step == end:
-                self.metrics.log(self.state.step, {**stats, **self.perf_stats(window), **self.data_stats()})
-                window = {"tokens": 0.0, "step_s": 0.0, "wait_s": 0.0, "steps": 0}
-            if job.sample_every and self.state.step % job.sample_every == 0:
-                self.log_samples()
-            out_of_time = self.out_of_time(start)
-            if self.state.step % self.job.checkpoint.every == 0 or out_of_time:
+        self.preemption = PreemptionFlag(list(job.preemption_signals))
+        self.window = new_window()
+        try:
+            while self.state.step < end:
+                t0 = time.perf_counter()
+                batches, wait = self.next_batches()
+                stats = self.train_step(batches)
+                self.state.step += 1
+                self.state.elapsed_s = time.time() - self.start_time
+                self.window = add_to_window(self.window, stats.pop("_tokens"), time.perf_counter() - t0, wait)
+                if self.after_step(stats, end):
+                    break
+            if self.job.checkpoint.enabled and not self.ckpt_is_current():
                 self.save_checkpoint()
-            if out_of_time:
-                log.info("trainer.max_minutes=%s reached at step %d", job.max_minutes, self.state.step)
-                break
-        if self.job.checkpoint.enabled and not self.ckpt_is_current():
-            self.save_checkpoint()
-        self.metrics.close()
+        finally:
+            self.preemption.restore()
+            self.metrics.close()
         return self.state
+
+    def after_step(self, stats: dict, end: int) -> bool:
+        """Log, sample, checkpoint; returns True when the run must stop now."""
+        job = self.job.trainer
+        step = self.state.step
+        if step % job.log_every == 0 or step == end:
+            self.metrics.log(step, {**stats, **self.perf_stats(self.window), **self.data_stats()})
+            self.window = new_window()
+        if job.sample_every and step % job.sample_every == 0:
+            self.log_samples()
+        preempted, out_of_time = self.stop_flags()
+        if step % self.job.checkpoint.every == 0 or preempted or out_of_time:
+            self.save_checkpoint()
+        if preempted:
+            raise Preempted(step, self.preemption.received or "a peer rank's signal")
+        if out_of_time:
+            log.info("trainer.max_minutes=%s reached at step %d", job.max_minutes, step)
+        return out_of_time
+
+    def stop_flags(self) -> tuple[bool, bool]:
+        """(preempted, out of time), agreed by all ranks with one all-reduce."""
+        budget = self.job.trainer.max_minutes
+        late = bool(budget) and time.time() - self.start_time > budget * 60
+        flags = torch.tensor([float(self.preemption.received is not None), float(late)], device=self.dist.device)
+        flags = all_reduce_sum(flags)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def next_batches(self):
         t0 = time.perf_counter()
@@ -166,18 +205,36 @@ class Trainer:
                 self.engine.backward(total)
             for k, v in {**losses, "total": total}.items():
                 loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
-        grad_norm = self.engine.step(self.job.optim.grad_clip)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
         keys = sorted(loss_sums)
         tokens = float(sum(b.num_tokens() for b in batches))
         reduced = all_reduce_sum(torch.stack([loss_sums[k] for k in keys] + [
             torch.tensor(tokens, device=self.dist.device)]))
+        stats = {f"loss/{k}": float(reduced[i]) for i, k in enumerate(keys)}
+        lr = self.scheduler.get_last_lr()[0]
+        if math.isfinite(stats["loss/total"]):  # same value on every rank: all agree
+            grad_norm = float(self.engine.step(self.job.optim.grad_clip))
+            self.state.nonfinite_in_a_row = 0
+        else:
+            grad_norm = float("nan")
+            self.skip_nonfinite_step()
+        self.scheduler.step()
         self.state.tokens_seen += int(reduced[-1])
         self.state.visual_positions_seen += int(denominators.get("visual", torch.tensor(0)))
-        stats = {f"loss/{k}": float(reduced[i]) for i, k in enumerate(keys)}
-        stats.update({"optim/grad_norm": float(grad_norm), "optim/lr": lr, "_tokens": float(reduced[-1])})
+        stats.update({"optim/grad_norm": grad_norm, "optim/lr": lr, "_tokens": float(reduced[-1]),
+                      "optim/nonfinite_steps": self.state.nonfinite_steps})
         return stats
+
+    def skip_nonfinite_step(self) -> None:
+        self.engine.skip_step()
+        self.state.nonfinite_steps += 1
+        self.state.nonfinite_in_a_row += 1
+        limit = self.job.trainer.max_nonfinite_steps
+        log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)",
+                    self.state.step + 1, self.state.nonfinite_in_a_row, self.state.nonfinite_steps)
+        if self.state.nonfinite_in_a_row > limit:
+            raise NonFiniteLossError(
+                f"aborting at step {self.state.step + 1}: {self.state.nonfinite_in_a_row} consecutive steps with a "
+                f"non-finite loss (trainer.max_nonfinite_steps={limit}); lower optim.lr or check the data")
 
     def data_stats(self) -> dict:
         s = self.loader.stats()
@@ -197,13 +254,6 @@ class Trainer:
         if self.dist.device.type == "cuda":
             out["perf/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return out
-
-    def out_of_time(self, start: float) -> bool:
-        budget = self.job.trainer.max_minutes
-        if not budget:
-            return False
-        flag = torch.tensor(float(time.time() - start > budget * 60), device=self.dist.device)
-        return bool(all_reduce_sum(flag) > 0)  # all ranks stop at the same step
 
     # -- checkpoints and samples ----------------------------------------------------------
     def ckpt_is_current(self) -> bool:

@@ -1,0 +1,207 @@
+# DeepSpeed ZeRO backend (stages 1-3, CPU offload, bf16, activation checkpointing) behind Engine.
+"""``parallel=zero1|zero2|zero3`` run the plain model under ``deepspeed.initialize`` with a
+JSON that :mod:`mmgen.parallel.ds_config` builds from mmgen's typed config.
+
+What mmgen keeps for itself, so that the trainer loop is the same as under DDP:
+
+* the optimizer: mmgen's AdamW with its parameter groups is passed to DeepSpeed (which shards
+  its states); ``engine.optimizer`` is that torch optimizer, so mmgen's LambdaLR writes the LR
+  into the very param-group dicts the ZeRO optimizer steps with;
+* the loss scale: the trainer's loss is normalised by *global* valid counts, so the correct
+  gradient is the sum over ranks and micro-batches. DeepSpeed averages over data-parallel ranks
+  and, by default, divides the loss by the accumulation steps: :meth:`ZeroEngine.backward`
+  multiplies by the DP size and passes ``scale_wrt_gas=False``;
+* accumulation boundaries: the trainer says which micro-batch is the last
+  (``set_gradient_accumulation_boundary``) and calls ``step`` once per optimizer step.
+
+Checkpoints are DeepSpeed's own sharded files under ``<checkpoint>/deepspeed/`` (every rank
+writes its optimizer shard), inside mmgen's atomic tmp-dir + rename layout;
+:func:`mmgen.checkpoint.export.consolidated_state_dict` turns them into one plain state dict
+with DeepSpeed's ``zero_to_fp32``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from mmgen.optim import OptimConfig, build_optimizer
+from mmgen.parallel.activation_checkpointing import apply_activation_checkpointing
+from mmgen.parallel.base import Engine
+from mmgen.parallel.config import ParallelConfig
+from mmgen.parallel.dist import DistInfo
+from mmgen.parallel.ds_config import build_ds_config, load_user_config, merge_user_config
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "deepspeed"  # DeepSpeed's checkpoint "tag": the sub-directory of an mmgen checkpoint
+ENGINE_META = "mmgen_engine.json"  # stage / world size / dtype the shards were written with
+
+
+class ZeroEngine(Engine):
+    """The plain model and mmgen's optimizer under a DeepSpeed ZeRO engine.
+
+    Attributes:
+        model: the ``deepspeed.DeepSpeedEngine`` (called for training forwards).
+        module: the plain model (under ZeRO-3 its parameters are shards outside a forward).
+        optimizer: mmgen's torch AdamW; DeepSpeed steps it on (sharded) fp32 master weights.
+        ds_config: the DeepSpeed JSON in effect (mmgen's fields + ``parallel.ds_config``).
+        stage: the ZeRO stage in effect.
+    """
+
+    def __init__(self, module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, dist: DistInfo, *,
+                 micro_batch_size: int, grad_accum: int, precision: str):
+        deepspeed = import_deepspeed(dist.device)
+        ensure_process_group(deepspeed, cfg, dist)
+        self.module, self.dist = module, dist
+        bf16 = precision == "bf16" or (precision == "auto" and dist.device.type == "cuda")
+        base = build_ds_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum, bf16=bf16,
+                               grad_clip=optim.grad_clip, pin_memory=dist.device.type == "cuda")
+        user = load_user_config(cfg.ds_config) if cfg.ds_config else {}
+        self.ds_config, conflicts = merge_user_config(base, user)
+        if dist.is_main:
+            for c in conflicts:
+                log.warning("parallel.ds_config overrides %s", c)
+        self.stage = int(self.ds_config["zero_optimization"].get("stage", cfg.zero_stage))
+
+        # Order (STYLE habit 1): activation checkpointing -> (compile, done by the trainer on
+        # the blocks in place) -> ZeRO.
+        apply_activation_checkpointing(module, cfg.activation_checkpointing)
+        if self.stage == 3:
+            register_external_parameters(deepspeed, module)
+        # MoE (later issue): experts stay plain modules in the model. This is where the backend
+        # decides their sharding: wrap or replace each expert bank with DeepSpeed's expert-
+        # parallel layer (deepspeed.moe, ep_size from ParallelConfig), mapping the plain
+        # weights one-to-one, and give the optimizer expert/non-expert parameter groups
+        # (deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer) so ZeRO
+        # shards expert states over the expert-data-parallel group only.
+        self.optimizer = build_optimizer(optim, module)
+        self.model, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer,
+                                                   config=copy.deepcopy(self.ds_config),
+                                                   dist_init_required=False)
+        if cfg.activation_checkpointing == "deepspeed":
+            deepspeed.checkpointing.configure(None, deepspeed_config=copy.deepcopy(self.ds_config))
+
+    # -- the step -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def accumulate(self, is_last_microbatch: bool):
+        # the trainer owns the boundary (it steps once per grad_accum micro-batches)
+        self.model.set_gradient_accumulation_boundary(is_last_microbatch)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over DP ranks; the loss is a global sum-normalised value,
+        # so the correct gradient is the sum: scale by the DP size (exactly like DDPEngine), and
+        # keep DeepSpeed from also dividing by the accumulation steps.
+        self.model.backward(loss * self.dp_size, scale_wrt_gas=False)
+
+    def step(self, grad_clip: float) -> torch.Tensor:
+        """Clip (DeepSpeed's ``gradient_clipping``, set from optim.grad_clip at build time),
+        step, zero gradients; returns the global pre-clip grad norm."""
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        self.model.save_checkpoint(str(path), tag=DS_TAG, client_state={}, save_latest=False)
+        if self.dist.is_main:
+            meta = {"stage": self.stage, "world_size": self.dist.world_size,
+                    "bf16": bool(self.ds_config.get("bf16", {}).get("enabled", False))}
+            (Path(path) / DS_TAG / ENGINE_META).write_text(json.dumps(meta))
+
+    def load(self, path: Path) -> None:
+        meta_file = Path(path) / DS_TAG / ENGINE_META
+        if not meta_file.is_file():
+            raise FileNotFoundError(
+                f"{path}: not written by a ZeRO backend (no {DS_TAG}/{ENGINE_META}); to start this run from "
+                f"its weights use checkpoint.init_from={path} with a new run name or checkpoint.resume=none")
+        meta = json.loads(meta_file.read_text())
+        if meta["stage"] != self.stage or meta["world_size"] != self.dist.world_size:
+            raise FileNotFoundError(
+                f"{path}: written by ZeRO-{meta['stage']} on {meta['world_size']} ranks, this run is "
+                f"ZeRO-{self.stage} on {self.dist.world_size}: DeepSpeed shards only resume on the same layout; "
+                f"use checkpoint.init_from={path} (weights only) with checkpoint.resume=none")
+        loaded, _ = self.model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False, load_module_strict=True)
+        if loaded is None:
+            raise FileNotFoundError(f"{path}: DeepSpeed could not load {DS_TAG}/")
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 plain-model state (the optimizer's master weights, gathered).
+
+        Collective: call it on every rank; every rank gets the full state.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            out[name] = (full if full is not None else p).detach().float().cpu().clone()
+        return out
+
+
+# -- set-up helpers ---------------------------------------------------------------------------
+def import_deepspeed(device: torch.device):
+    """Import deepspeed on the accelerator of ``device``, without its CPU JIT ops."""
+    # DeepSpeed picks its accelerator once, from DS_ACCELERATOR or by detection
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name != device.type:
+        from mmgen.config import ConfigError
+
+        raise ConfigError(f"DeepSpeed uses accelerator '{name}' but this run trains on '{device.type}': "
+                          f"set DS_ACCELERATOR={device.type}")
+    if device.type == "cpu":
+        # the CPU accelerator otherwise JIT-builds a shared-memory allreduce op (~110 s with g++,
+        # an error without one) on every initialize; torch's gloo collectives serve instead
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def ensure_process_group(deepspeed, cfg: ParallelConfig, dist: DistInfo) -> None:
+    """DeepSpeed needs a process group even for one process (mmgen's init skips it there)."""
+    backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if dist.device.type == "cuda" else "gloo")
+    if not tdist.is_initialized():
+        import datetime
+
+        if dist.world_size != 1:
+            raise RuntimeError("ZeRO with several ranks needs the process group from init_distributed")
+        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1,
+                                 timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, dist_init_required=False)
+
+
+def register_external_parameters(deepspeed, module: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a parameter only around its own module's forward. The unified model's
+    tied text head reads ``tok_embeddings.weight`` in the root module's forward
+    (``F.linear(h, tok_embeddings.weight)``): register it there so it is gathered for the head."""
+    cfg = getattr(module, "cfg", None)
+    if getattr(cfg, "tie_embeddings", False):
+        deepspeed.zero.register_external_parameter(module, module.tok_embeddings.weight)
+
+
+def apply_deepspeed(module, cfg: ParallelConfig, optim: OptimConfig, dist: DistInfo, *, micro_batch_size: int,
+                    grad_accum: int, precision: str) -> ZeroEngine:
+    """Wrap the plain model in a DeepSpeed ZeRO engine built from mmgen's config.
+
+    Args:
+        module: the plain model, materialised and initialised on ``dist.device``.
+        cfg: the ParallelConfig (``name`` zero1|zero2|zero3).
+        optim: optimizer config (AdamW, clipping).
+        dist: rank/world/device.
+        micro_batch_size: ``data.batch_size``.
+        grad_accum: ``trainer.grad_accum``.
+        precision: ``trainer.precision`` (bf16 -> DeepSpeed bf16; auto = bf16 on CUDA).
+    """
+    return ZeroEngine(module, cfg, optim, dist, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                      precision=precision)
