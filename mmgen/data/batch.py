@@ -121,6 +121,16 @@ class MultimodalBatch:
             spans=self.spans.to(device),
             loss_masks={k: mv(v) for k, v in self.loss_masks.items()}, meta=self.meta)
 
+    def pin_memory(self) -> "MultimodalBatch":
+        """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU async."""
+        pin = lambda t: t.pin_memory()
+        spans = SpanTable(**{f.name: pin(getattr(self.spans, f.name)) for f in dataclasses.fields(self.spans)})
+        return MultimodalBatch(
+            tokens=pin(self.tokens), targets=pin(self.targets), positions=pin(self.positions),
+            modality=pin(self.modality), document_ids=pin(self.document_ids), span_ids=pin(self.span_ids),
+            coords=pin(self.coords), patches=pin(self.patches), spans=spans,
+            loss_masks={k: pin(v) for k, v in self.loss_masks.items()}, meta=self.meta)
+
     def num_tokens(self) -> int:
         """Non-padding positions (for throughput accounting)."""
         return int((self.document_ids >= 0).sum())
