@@ -153,3 +153,28 @@ def test_hung_collective_becomes_an_error(tmp_path):
     out0, _ = procs[0].communicate(timeout=60)
     procs[1].kill()
     assert out0.startswith("FAILURE True"), out0
+
+
+def test_errors_escaping_the_loop_keep_their_type(shapes_dir, tmp_path, monkeypatch):
+    """Non-collective errors propagate unchanged; collective ones become exit 1 with the rank named."""
+    from mmgen.cli.preflight import compose_job
+    from mmgen.trainer import run as run_mod
+    from mmgen.trainer.trainer import Trainer
+
+    job = compose_job([*TINY, *data_overrides(shapes_dir), f"run_dir={tmp_path}", "trainer.steps=2"])
+
+    def boom(self, stop_at=None):
+        raise RuntimeError("a plain bug")
+
+    monkeypatch.setattr(Trainer, "train", boom)
+    with pytest.raises(RuntimeError, match="a plain bug"):
+        run_mod.run_training(job, argv=["t"])
+
+    def hung(self, stop_at=None):
+        raise RuntimeError("[gloo] Timed out waiting 3000ms for recv operation to complete")
+
+    monkeypatch.setattr(Trainer, "train", hung)
+    with pytest.raises(SystemExit) as e:
+        run_mod.run_training(job, argv=["t"])
+    assert e.value.code == 1
+    assert "collective failed" in (tmp_path / "logs" / "rank_0.log").read_text()

@@ -1,12 +1,18 @@
 # Consolidated model weights: export a checkpoint to one safetensors file, and load either form.
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
 
 from mmgen.checkpoint.manager import complete_checkpoints
+
+log = logging.getLogger(__name__)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -24,17 +30,17 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Plain-model state dict from any backend's checkpoint layout."""
     if (ckpt / "model.pt").is_file():  # DDP: replicated, one file
         return torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    if (ckpt / "deepspeed").is_dir():  # ZeRO: shards in DeepSpeed's layout (mmgen.parallel.deepspeed)
-        return _deepspeed_state_dict(ckpt, "deepspeed")
-    raise FileNotFoundError(f"{ckpt}: no model state found (model.pt or deepspeed/)")
+    from mmgen.parallel.deepspeed import DS_TAG
+
+    if (ckpt / DS_TAG).is_dir():  # ZeRO: shards in DeepSpeed's layout (mmgen.parallel.deepspeed)
+        return _deepspeed_state_dict(ckpt, DS_TAG)
+    raise FileNotFoundError(f"{ckpt}: no model state found (model.pt or {DS_TAG}/)")
 
 
 def _deepspeed_state_dict(ckpt: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 weights from a DeepSpeed checkpoint: ZeRO 1-3 are merged from the optimizer's
     fp32 master shards by DeepSpeed's own zero_to_fp32; a stage-0 checkpoint is not a ZeRO
     checkpoint and holds the whole module in ``mp_rank_00_model_states.pt['module']``."""
-    import os
-
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -42,7 +48,12 @@ def _deepspeed_state_dict(ckpt: Path, tag: str) -> dict[str, torch.Tensor]:
     if not any(shards.glob("*_optim_states.pt")):
         states = torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    # zero_to_fp32 prints its progress (and tqdm bars) for its own CLI: keep a CLI's output ours
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    log.debug("zero_to_fp32: %s", chatter.getvalue())
+    return state
 
 
 def export_safetensors(path: str | Path, out: str | Path) -> Path:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import logging
 import os
@@ -68,12 +69,13 @@ class ZeroEngine(Engine):
         if dist.is_main:
             for c in conflicts:
                 log.warning("parallel.ds_config overrides %s", c)
-        self.stage = int(self.ds_config["zero_optimization"].get("stage", cfg.zero_stage))
+        self.stage = cfg.zero_stage  # a user JSON may not change it (ds_config.load_user_config)
 
         # Order (STYLE habit 1): activation checkpointing -> (compile, done by the trainer on
         # the blocks in place) -> ZeRO.
         apply_activation_checkpointing(module, cfg.activation_checkpointing)
         if self.stage == 3:
+            check_zero3_compile(module, dist.device)
             register_external_parameters(deepspeed, module)
         # MoE (later issue): experts stay plain modules in the model. This is where the backend
         # decides their sharding: wrap or replace each expert bank with DeepSpeed's expert-
@@ -107,6 +109,25 @@ class ZeroEngine(Engine):
         self.model.step()
         norm = self.model.get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients without an update (non-finite loss).
+
+        Every ZeRO optimizer already skips the update and clears its gradient buffers when the
+        global grad norm is not finite; stage 1/2 with bf16 parameters only checks when asked
+        (``check_grad_overflow``), so it is asked for this one step.
+        """
+        opt = self.model.optimizer
+        forced = getattr(opt, "check_grad_overflow", None) is False
+        if forced:
+            opt.check_grad_overflow = True
+        try:
+            self.model.step()
+        finally:
+            if forced:
+                opt.check_grad_overflow = False
+        if self.model.was_step_applied():
+            log.warning("non-finite loss but finite gradients: DeepSpeed applied this update")
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -162,9 +183,14 @@ def import_deepspeed(device: torch.device):
         raise ConfigError(f"DeepSpeed uses accelerator '{name}' but this run trains on '{device.type}': "
                           f"set DS_ACCELERATOR={device.type}")
     if device.type == "cpu":
-        # the CPU accelerator otherwise JIT-builds a shared-memory allreduce op (~110 s with g++,
-        # an error without one) on every initialize; torch's gloo collectives serve instead
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # The CPU accelerator otherwise JIT-builds a shared-memory allreduce op (~110 s with g++,
+        # an error without one) on every initialize; torch's gloo collectives serve instead.
+        # That op is the only reader of `__compatible_ops__`: seed the cache DeepSpeed fills on
+        # first access, so its probe (gcc runs, logged) does not run at all.
+        ops = deepspeed.ops
+        if "__compatible_ops__" not in vars(ops):
+            ops.__compatible_ops__ = {}
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 
@@ -172,13 +198,31 @@ def ensure_process_group(deepspeed, cfg: ParallelConfig, dist: DistInfo) -> None
     """DeepSpeed needs a process group even for one process (mmgen's init skips it there)."""
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if dist.device.type == "cuda" else "gloo")
     if not tdist.is_initialized():
-        import datetime
-
         if dist.world_size != 1:
             raise RuntimeError("ZeRO with several ranks needs the process group from init_distributed")
         tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1,
                                  timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    # deepspeed.initialize asserts what a launcher would have exported
+    for key, value in (("RANK", dist.rank), ("WORLD_SIZE", dist.world_size), ("LOCAL_RANK", dist.local_rank)):
+        os.environ.setdefault(key, str(value))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, dist_init_required=False)
+
+
+def check_zero3_compile(module: torch.nn.Module, device: torch.device) -> None:
+    """Compiled blocks + FlexAttention under ZeRO-3 fail in inductor (measured on the lent H100,
+    torch 2.11, deepspeed 0.19.8: ZeRO-3's parameter hooks break each block's graph and the
+    FlexAttention backward of the resumed graph gets a symbolic scale). Stop at start-up with
+    the fix rather than after the first compile. (With SDPA, on CPU, compile + ZeRO-3 ran and
+    matched DDP.)"""
+    from mmgen.models.attention import resolve_backend
+
+    compiled = any(getattr(block, "_compiled_call_impl", None) is not None for block in module.layers)
+    cfg = getattr(module, "cfg", None)
+    if compiled and cfg is not None and resolve_backend(cfg.attention, device) == "flex":
+        from mmgen.config import ConfigError
+
+        raise ConfigError("parallel=zero3 with trainer.compile=true and FlexAttention fails to compile "
+                          "(ZeRO-3 parameter hooks split each block's graph): set trainer.compile=false")
 
 
 def register_external_parameters(deepspeed, module: torch.nn.Module) -> None:

@@ -61,7 +61,8 @@ ACTIVATION_CHECKPOINTING_KEYS = frozenset({
     "synchronize_checkpoint_boundary", "profile"})
 
 # Fields the trainer depends on: overriding them in a JSON would silently break the loss
-# normalisation or the LR schedule, so they are set through mmgen's config only.
+# normalisation or the LR schedule, so they are set through mmgen's config only (and so is
+# `zero_optimization.stage`, by parallel.name).
 MMGEN_OWNED = {
     "train_batch_size": "data.batch_size x trainer.grad_accum x ranks",
     "train_micro_batch_size_per_gpu": "data.batch_size",
@@ -155,10 +156,13 @@ def load_user_config(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{where}: no such file")
+    problem = None  # raised outside the except: a chained cause would join the one-line report
     try:
         user = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        problem = f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if problem:
+        raise ValueError(problem)
     if not isinstance(user, dict):
         raise ValueError(f"{where}: must hold a JSON object, got {type(user).__name__}")
     for key in user:
@@ -168,6 +172,9 @@ def load_user_config(path: str | os.PathLike) -> dict:
             raise ValueError(f"{where}: unknown DeepSpeed key '{key}'{hint}")
         if key in MMGEN_OWNED and not (key == "fp16" and not _enabled(user[key])):
             raise ValueError(f"{where}: '{key}' is set by mmgen; use {MMGEN_OWNED[key]} instead")
+    zero = user.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero:  # one source of truth for the stage
+        raise ValueError(f"{where}: 'zero_optimization.stage' is set by mmgen; use parallel=zero1|zero2|zero3 instead")
     ac = user.get("activation_checkpointing", {})
     if isinstance(ac, dict):
         for key in ac:
@@ -192,14 +199,17 @@ def _check_section(where: str, key: str, section: dict, target: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _cuda_available() else "cpu")
     module, name = target.split(":")
     model = getattr(importlib.import_module(module), name)
+    problem = None  # raised outside the except: a chained cause would join the one-line report
     try:
         model(**section)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(part) for part in (key, *err.get("loc", ())))
-        raise ValueError(f"{where}: {loc}: {err.get('msg', 'invalid value')}") from None
+        problem = f"{where}: {loc}: {err.get('msg', 'invalid value')}"
     except (TypeError, ValueError, AssertionError) as e:
-        raise ValueError(f"{where}: {key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        problem = f"{where}: {key}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if problem:
+        raise ValueError(problem)
 
 
 def _cuda_available() -> bool:

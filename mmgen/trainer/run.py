@@ -90,7 +90,7 @@ def run_training(job: JobConfig, argv: list[str]) -> None:
         except NonFiniteLossError as e:
             print(f"mmgen-train: error: {e}", file=sys.stderr)
             sys.exit(1)
-        except (RuntimeError, dist_errors()) as e:
+        except (RuntimeError, *dist_errors()) as e:
             if not is_collective_failure(e):
                 raise
             # a hung or broken collective: name this rank and the failure instead of hanging
