@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run or checkpoint directory")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=cmd_export)
+
+    from mmgen.metrics.report import cmd_report  # matplotlib is imported only when it draws
+
+    rp = sub.add_parser("report", help="draw loss/throughput/LR/grad-norm curves from metrics.jsonl (PNG)")
+    rp.add_argument("run", help="run directory")
+    rp.add_argument("--out", default="", help="PNG file (default: RUN/report.png)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

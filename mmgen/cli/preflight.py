@@ -43,6 +43,12 @@ def one_line(exc: BaseException) -> str:
         head = next((l for l in lines if not l.startswith(("To append", "full_key", "object_type",
                                                           "reference_type", "Set the environment"))), "")
         key = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("full_key:")), "")
+        # OmegaConf chains an unformatted copy ("Value '$VALUE' ..."); ANTLR's lexer error
+        # arrives as "LexerNoViableAltException: ..." plus a repr of the same exception
+        if "$VALUE" in head or "$KEY" in head or head.startswith("LexerNoViableAltException("):
+            head = ""
+        head = head.replace("LexerNoViableAltException: ", "Error parsing override: ")
+        head = "" if head == "None" else head  # ANTLR errors chain a message-less cause
         if head and head not in seen:
             seen.add(head)
             parts.append(head + (f" (key: {key})" if key and key not in head else ""))
@@ -66,6 +72,22 @@ def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(c) for c in itertools.islice(itertools.product(*choices), MAX_SWEEP_CHECK)]
 
 
+def check_group_options(overrides: list[str]) -> None:
+    """``group=option`` must name a file in ``configs/<group>/``: Hydra silently skips a
+    missing option of an ``optional`` default (``experiment=nope`` would train the defaults)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    root = config_dir()
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        group, value = ov.key_or_group, ov.value()
+        if (not group or group.startswith("hydra") or ov.is_delete() or ov.package
+                or not isinstance(value, str) or not (root / group).is_dir()):
+            continue  # hydra/* options also come from plugins (ConfigStore), not only files
+        if not (root / group / f"{value}.yaml").is_file():
+            options = sorted(p.stem for p in (root / group).glob("*.yaml"))
+            raise ValueError(f"Could not find '{group}/{value}' (available: {', '.join(options)})")
+
+
 def compose_job(overrides: list[str], config_name: str = "config"):
     """Compose + convert + validate one configuration; raises on any problem."""
     from hydra import compose, initialize_config_dir
@@ -73,6 +95,7 @@ def compose_job(overrides: list[str], config_name: str = "config"):
 
     from mmgen.config import register_configs, to_job_config
 
+    check_group_options(overrides)
     register_resolvers()
     register_configs()
     GlobalHydra.instance().clear()
@@ -85,10 +108,14 @@ def check_overrides(argv: list[str], prog: str = "mmgen-train") -> None:
     """Validate the overrides in ``argv`` (Hydra's own flags are understood); exit 2 if bad."""
     from hydra._internal.utils import get_args_parser
 
-    try:
-        args = get_args_parser().parse_args(argv)
-    except SystemExit:
-        raise
+    parser = get_args_parser()
+
+    def one_line_error(message: str):  # argparse would print its whole usage block
+        print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = one_line_error
+    args = parser.parse_args(argv)
     if args.help or args.hydra_help or args.shell_completion or args.info:
         return
     try:

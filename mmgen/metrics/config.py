@@ -9,7 +9,10 @@ class MetricsConfig:
     """Args:
         wandb: also log to Weights & Biases (``metrics.jsonl`` is always written).
         wandb_mode: ``offline`` (no network; sync later with ``wandb sync``) or ``online``.
-        wandb_project, wandb_entity, wandb_group, tags: W&B run placement.
+        wandb_project, wandb_entity, wandb_group, tags: W&B run placement. An empty
+            ``wandb_group`` groups the runs of one ``-m`` sweep (``runs/<name>-sweep/N``) under
+            ``<name>-sweep`` and names each ``<name>-N``.
+        wandb_job_type: W&B job type (``train``; e.g. ``eval`` or ``bench`` for other runs).
         progress: show a progress bar on rank 0.
         peak_tflops: accelerator peak for MFU; 0 = detect (H100/H200 bf16 dense: 989).
     """
@@ -19,6 +22,7 @@ class MetricsConfig:
     wandb_project: str = "mmgen"
     wandb_entity: str = ""
     wandb_group: str = ""
+    wandb_job_type: str = "train"
     tags: list[str] = field(default_factory=list)
     progress: bool = True
     peak_tflops: float = 0.0

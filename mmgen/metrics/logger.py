@@ -35,10 +35,21 @@ def _init_wandb(cfg: MetricsConfig, run_dir: Path, name: str, config: dict, tags
         return _NullWandb()
     import wandb
 
+    group, name = wandb_placement(cfg, run_dir, name)
     return wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None,
-                      group=cfg.wandb_group or None, name=name, id=_stable_id(run_dir),
+                      group=group, job_type=cfg.wandb_job_type or None, name=name, id=_stable_id(run_dir),
                       resume="allow", dir=str(run_dir), mode=cfg.wandb_mode,
                       config=config, tags=list(cfg.tags) + tags)
+
+
+def wandb_placement(cfg: MetricsConfig, run_dir: Path, name: str) -> tuple[str | None, str]:
+    """(group, run name). Runs of a Hydra ``-m`` sweep live in ``runs/<name>-sweep/<N>``
+    (configs/config.yaml): without an explicit group they are grouped by the sweep directory
+    and named ``<name>-<N>``, so W&B shows one group with distinguishable runs."""
+    sweep = Path(run_dir).parent.name
+    if sweep.endswith("-sweep"):
+        return cfg.wandb_group or sweep, f"{name}-{Path(run_dir).name}"
+    return cfg.wandb_group or None, name
 
 
 def _stable_id(run_dir: Path) -> str:

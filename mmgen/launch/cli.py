@@ -1,0 +1,299 @@
+# `mmgen-launch`: validate the overrides, record the launch, run torchrun here or submit to Slurm.
+"""Usage::
+
+    mmgen-launch local --nproc-per-node 2 -- experiment=smoke name=foo
+    mmgen-launch local --nnodes 2 --nproc-per-node 8 --rdzv-endpoint host0:29400 -- experiment=gpu_1b
+    mmgen-launch slurm --nodes 2 --gpus-per-node 8 --partition gpu --time 48:00:00 -- experiment=gpu_1b name=foo
+    mmgen-launch slurm --dry-run ... -- ...      # print the sbatch script, write and submit nothing
+    mmgen-launch --resubmit runs/foo             # the stored script / command, as it was
+
+Launcher options are this command's own flags; everything after ``--`` is a Hydra override,
+exactly as for ``mmgen-train``. The overrides are composed and validated first: a bad one
+stops here with one line and exit code 2, before anything is written or submitted. Then
+``runs/<name>/launch/`` gets ``launch.json`` (mode, command line, git SHA, submission command,
+job ids), ``config.yaml`` (resolved), ``job.sbatch`` (Slurm) and ``git_diff.patch`` (when the
+checkout has uncommitted changes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROG = "mmgen-launch"
+HYDRA_FLAGS_HINT = ("Hydra flags are not launcher options; for -m sweeps on Slurm use "
+                    "mmgen-train -m hydra/launcher=submitit_slurm ... (docs/launch.md)")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+# ---- arguments ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Launch mmgen training with torchrun or Slurm "
+                "(launcher options, then -- and Hydra overrides as for mmgen-train).")
+    p.add_argument("--resubmit", metavar="RUN_DIR", help="launch again what RUN_DIR/launch/ recorded")
+    p.add_argument("--dry-run", action="store_true", help="print the script or command; write and run nothing")
+    sub = p.add_subparsers(dest="mode", parser_class=_Parser)
+
+    loc = sub.add_parser("local", help="torchrun on this machine (one node of a multi-node job)")
+    loc.add_argument("--nproc-per-node", type=int, default=0, help="processes here (default: GPUs, or 1)")
+    loc.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for elastic jobs")
+    loc.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the c10d rendezvous (multi-node)")
+    loc.add_argument("--rdzv-id", default="", help="rendezvous id shared by the nodes (default: mmgen-<name>)")
+    loc.add_argument("--max-restarts", type=int, default=0, help="restart crashed workers this often")
+
+    sl = sub.add_parser("slurm", help="write and submit an sbatch script")
+    sl.add_argument("--nodes", type=int, default=1)
+    sl.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU job")
+    sl.add_argument("--nproc-per-node", type=int, default=0, help="processes per node (default: GPUs, or 1)")
+    sl.add_argument("--cpus-per-task", type=int, default=0, help="CPUs per node (default: 8 per GPU)")
+    sl.add_argument("--time", default="24:00:00")
+    sl.add_argument("--partition", default="")
+    sl.add_argument("--account", default="")
+    sl.add_argument("--qos", default="")
+    sl.add_argument("--mem", default="")
+    sl.add_argument("--constraint", default="")
+    sl.add_argument("--exclusive", action="store_true")
+    sl.add_argument("--job-name", default="", help="default: mmgen-<name>")
+    sl.add_argument("--signal-seconds", type=int, default=120,
+                    help="SIGUSR1 this long before the time limit (checkpoint + requeue); 0: none")
+    sl.add_argument("--no-requeue", dest="requeue", action="store_false")
+    sl.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of crashed workers")
+    sl.add_argument("--master-port", type=int, default=0, help="default: 20000 + job id mod 20000")
+    sl.add_argument("--python", default=sys.executable, help="interpreter on the nodes (default: this one)")
+    sl.add_argument("--container", default="", help="Apptainer image (.sif) to run in")
+    sl.add_argument("--setup", action="append", default=[], help="shell line before srun (repeatable)")
+    sl.add_argument("--env", action="append", default=[], help="NAME=value to export (repeatable)")
+    sl.add_argument("--sbatch-arg", dest="sbatch_args", action="append", default=[],
+                    help="extra #SBATCH option, e.g. --reservation=x (repeatable)")
+
+    for s in (loc, sl):
+        # SUPPRESS: a sub-command must not reset a --dry-run given before it
+        s.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS)
+        s.add_argument("overrides", nargs="*", help="Hydra overrides, after --")
+    return p
+
+
+# ---- records --------------------------------------------------------------------------------
+def _compose(overrides: list[str]):
+    from mmgen.cli.preflight import compose_job, one_line
+
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        raise UsageError(f"'{bad[0]}': {HYDRA_FLAGS_HINT}")
+    try:
+        return compose_job(overrides)
+    except Exception as e:  # noqa: BLE001 - every config problem is one line + exit 2
+        raise UsageError(one_line(e)) from e
+
+
+def _run_dir(job) -> Path:
+    return Path(job.run_dir or Path("runs") / job.name).resolve()
+
+
+def _git_diff() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return subprocess.run(["git", "-C", str(root), "diff", "HEAD"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_records(launch_dir: Path, record: dict, job, script: str | None = None) -> None:
+    """launch.json, config.yaml and (Slurm) job.sbatch; earlier submissions are kept."""
+    from mmgen.config import to_yaml
+
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    old = launch_dir / "launch.json"
+    if old.is_file():
+        record["submissions"] = json.loads(old.read_text()).get("submissions", []) + record["submissions"]
+    _atomic_write(launch_dir / "config.yaml", to_yaml(job))
+    if script is not None:
+        _atomic_write(launch_dir / "job.sbatch", script)
+        (launch_dir / "job.sbatch").chmod(0o755)
+    diff = _git_diff()
+    if diff:
+        _atomic_write(launch_dir / "git_diff.patch", diff)
+    _atomic_write(old, json.dumps(record, indent=2))
+
+
+def _add_submission(launch_dir: Path, entry: dict) -> None:
+    path = launch_dir / "launch.json"
+    record = json.loads(path.read_text())
+    record["submissions"].append(entry)
+    _atomic_write(path, json.dumps(record, indent=2))
+
+
+def _base_record(mode: str, argv: list[str], overrides: list[str]) -> dict:
+    from mmgen.trainer.run import git_sha
+
+    return {"mode": mode, "argv": [PROG, *argv], "overrides": overrides, "cwd": os.getcwd(),
+            "git_sha": git_sha(), "python": sys.executable, "host": os.uname().nodename,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "submissions": []}
+
+
+# ---- local: torchrun here -------------------------------------------------------------------
+def torchrun_args(a, name: str) -> list[str]:
+    procs = a.nproc_per_node
+    if procs <= 0:
+        import torch
+
+        procs = torch.cuda.device_count() or 1
+    if str(a.nnodes) == "1" and not a.rdzv_endpoint:
+        nodes = ["--standalone"]
+    else:
+        if not a.rdzv_endpoint:
+            raise UsageError(f"--nnodes {a.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        nodes = ["--nnodes", str(a.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", a.rdzv_endpoint,
+                 "--rdzv-id", a.rdzv_id or f"mmgen-{name}"]
+    if a.max_restarts < 0:
+        raise UsageError("--max-restarts must be >= 0")
+    return [*nodes, "--nproc-per-node", str(procs), "--max-restarts", str(a.max_restarts)]
+
+
+def run_local(node_args: list[str], overrides: list[str]) -> int:
+    from mmgen.launch.node import main as node_main
+
+    return node_main([*node_args, "-m", "mmgen.launch.worker", *overrides])
+
+
+def cmd_local(a, argv: list[str]) -> int:
+    job = _compose(a.overrides)
+    node_args = torchrun_args(a, job.name)
+    command = [sys.executable, "-m", "mmgen.launch.node", *node_args, "-m", "mmgen.launch.worker", *a.overrides]
+    if a.dry_run:
+        print(shlex.join(command))
+        return 0
+    launch_dir = _run_dir(job) / "launch"
+    record = {**_base_record("local", argv, a.overrides), "torchrun": node_args, "command": command}
+    write_records(launch_dir, record, job)
+    _add_submission(launch_dir, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_sha": record["git_sha"]})
+    print(f"{PROG}: {shlex.join(command)}  (records in {launch_dir})", file=sys.stderr, flush=True)
+    return run_local(node_args, a.overrides)
+
+
+# ---- slurm: sbatch ----------------------------------------------------------------------------
+def slurm_options(a, job) -> "SlurmOptions":
+    from mmgen.launch.sbatch import SlurmOptions
+
+    launch_dir = _run_dir(job) / "launch"
+    return SlurmOptions(
+        job_name=a.job_name or f"mmgen-{job.name}", output_dir=str(launch_dir), workdir=os.getcwd(),
+        nodes=a.nodes, gpus_per_node=a.gpus_per_node, nproc_per_node=a.nproc_per_node,
+        cpus_per_task=a.cpus_per_task, time=a.time, partition=a.partition, account=a.account, qos=a.qos,
+        mem=a.mem, constraint=a.constraint, exclusive=a.exclusive, signal_seconds=a.signal_seconds,
+        requeue=a.requeue, max_restarts=a.max_restarts, master_port=a.master_port, python=a.python,
+        container=a.container, setup=a.setup, env=a.env, sbatch_args=a.sbatch_args)
+
+
+def sbatch(script: Path) -> str:
+    """Submit ``script``; return the job id."""
+    exe = shutil.which("sbatch")
+    if exe is None:
+        raise UsageError("sbatch not found: run on a Slurm login node (or use --dry-run)")
+    r = subprocess.run([exe, "--parsable", str(script)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        msg = " ".join(r.stderr.split()) or f"exit code {r.returncode}"
+        raise RuntimeError(f"sbatch failed: {msg}")
+    return r.stdout.strip().split(";")[0]
+
+
+def cmd_slurm(a, argv: list[str]) -> int:
+    from mmgen.launch.sbatch import render_sbatch
+
+    job = _compose(a.overrides)
+    opts = slurm_options(a, job)
+    launch_dir = Path(opts.output_dir)
+    record = _base_record("slurm", argv, a.overrides)
+    header = (f"# Written by mmgen-launch at {record['created']} from git {record['git_sha']}.\n"
+              f"# Resubmit as it was: mmgen-launch --resubmit {launch_dir.parent}")
+    try:
+        script = render_sbatch(opts, a.overrides, header=header)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if a.dry_run:
+        print(script, end="")
+        return 0
+    record.update({"script": "job.sbatch", "submit_command": ["sbatch", "--parsable", str(launch_dir / "job.sbatch")]})
+    write_records(launch_dir, record, job, script)
+    return _submit(launch_dir, record["git_sha"])
+
+
+def _submit(launch_dir: Path, sha: str) -> int:
+    job_id = sbatch(launch_dir / "job.sbatch")
+    _add_submission(launch_dir, {"job_id": job_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_sha": sha})
+    print(f"submitted job {job_id} (log: {launch_dir}/slurm-{job_id}.out)")
+    return 0
+
+
+# ---- resubmit -------------------------------------------------------------------------------------
+def cmd_resubmit(run: str, dry_run: bool) -> int:
+    from mmgen.trainer.run import git_sha
+
+    launch_dir = Path(run) / "launch"
+    path = launch_dir / "launch.json"
+    if not path.is_file():
+        raise UsageError(f"{run} has no launch/launch.json (was it started with mmgen-launch?)")
+    record = json.loads(path.read_text())
+    now = git_sha()
+    if now != record["git_sha"]:
+        print(f"{PROG}: warning: the code changed since this launch (git {record['git_sha']}, now {now}); "
+              f"the diff of that launch is in {launch_dir}/git_diff.patch if it had one", file=sys.stderr)
+    if record["mode"] == "slurm":
+        if dry_run:
+            print((launch_dir / "job.sbatch").read_text(), end="")
+            return 0
+        return _submit(launch_dir, now)
+    if dry_run:
+        print(shlex.join(record["command"]))
+        return 0
+    os.chdir(record["cwd"])
+    _add_submission(launch_dir, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_sha": now})
+    return run_local(record["torchrun"], record["overrides"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        a = build_parser().parse_args(argv)
+        if a.resubmit:
+            if a.mode:
+                raise UsageError("--resubmit takes no sub-command: it relaunches what was recorded")
+            code = cmd_resubmit(a.resubmit, a.dry_run)
+        elif a.mode == "local":
+            code = cmd_local(a, argv)
+        elif a.mode == "slurm":
+            code = cmd_slurm(a, argv)
+        else:
+            raise UsageError("choose a sub-command (local or slurm) or --resubmit RUN_DIR")
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
