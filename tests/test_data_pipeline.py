@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import logging
+import signal
 import tarfile
 
 import numpy as np
@@ -18,6 +19,24 @@ from mmgen.models.tokenizers.text import ByteTokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 NUM_SHARDS, PER_SHARD = 5, 40
+
+
+def timeout_fixture(seconds: int):
+    """An autouse fixture failing a test that runs longer than ``seconds`` (SIGALRM; the alarm
+    is not inherited by DataLoader worker processes). Assign it to a module-level name."""
+    @pytest.fixture(autouse=True)
+    def _deadline():
+        def expire(*_):
+            raise TimeoutError(f"test exceeded its {seconds} s limit")
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(seconds)
+        yield
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    return _deadline
+
+
+_deadline = timeout_fixture(120)
 
 
 def _jpeg(colour, size=32) -> bytes:
@@ -110,9 +129,25 @@ def test_config_validation():
     DataConfig().validate()
 
 
-def test_too_few_shards_for_readers(shard_dir):
-    with pytest.raises(ValueError, match="fewer than world_size x num_workers"):
-        build_dataloader(cfg_for(shard_dir, num_workers=3), ByteTokenizer(), 0, 2)
+def test_fewer_shards_than_readers_split_samples(shard_dir):
+    """5 shards for 6 readers (6 ranks, in-process workers): readers share shards sample by
+    sample, and one epoch of all readers is still every sample exactly once."""
+    from mmgen.data.sources import epoch_items
+
+    tok = ByteTokenizer()
+    names = sorted(f"shapes-{s:06d}.tar" for s in range(NUM_SHARDS))
+    seen = []
+    for rank in range(6):
+        # one document per batch (two never fit in 128 positions): batches = documents, in order
+        loader = build_dataloader(cfg_for(shard_dir, batch_size=1, seq_len=128), tok, rank, 6)
+        (shard, slot, stride), = epoch_items(names, 0, 0, rank, 6)
+        n = len(range(slot, PER_SHARD, stride))     # this reader's share of epoch 0
+        keys = [b.meta["key"][0] for b in take(loader, n + 1)]
+        assert {k[:4] for k in keys[:n]} == {f"{shard:04d}"}   # all from its one shard
+        assert loader.stats()["epoch"] == 1                     # the next one starts epoch 1
+        seen += keys[:n]
+    assert sorted(seen) == sorted(f"{s:04d}{i:04d}" for s in range(NUM_SHARDS)
+                                  for i in range(PER_SHARD))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +172,7 @@ def test_one_epoch_sees_every_sample_once(shard_dir):
             break
     first_epoch = keys[:NUM_SHARDS * PER_SHARD]
     assert len(set(first_epoch)) == NUM_SHARDS * PER_SHARD
-    assert loader.state_dict()["workers"][0]["cursor"]["epoch"] == 1
+    assert loader.state_dict()["workers"][0]["sources"]["shapes"]["cursor"]["epoch"] == 1
 
 
 def test_two_ranks_read_disjoint_shards(shard_dir):
@@ -181,7 +216,7 @@ def test_exact_resume(shard_dir, num_workers, n, m):
     resumed = build_dataloader(cfg, tok, 0, 1)
     resumed.load_state_dict(state)
     assert_same_batches(take(resumed, m), reference[n:])
-    epochs = [w["cursor"]["epoch"] for w in resumed.state_dict()["workers"]]
+    epochs = [w["sources"]["shapes"]["cursor"]["epoch"] for w in resumed.state_dict()["workers"]]
     assert max(epochs) >= 1    # the runs crossed an epoch boundary
 
 

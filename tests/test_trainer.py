@@ -77,6 +77,11 @@ def test_ddp_two_processes_trains_and_resumes(shapes_dir, tmp_path):
     r = run_cli([*args, "trainer.steps=6", "checkpoint.every=2"], cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+    # the same run continued on one process: the data stream is re-split, not restarted
+    one = [str(BIN / "mmgen-train"), *args[6:], "trainer.steps=7", "checkpoint.every=2"]
+    r = run_cli(one, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "re-splitting" in r.stderr and sorted(losses(run)) == list(range(1, 8))
 
 
 def corrupt_copy(src: Path, dst: Path) -> list[str]:

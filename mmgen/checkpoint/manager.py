@@ -110,6 +110,13 @@ class CheckpointManager:
             raise FileNotFoundError(f"checkpoint.resume={mode}: not a complete checkpoint (no meta.json)")
         return path
 
+    @staticmethod
+    def data_states(path: Path) -> list[dict]:
+        """Every old rank's data-loader state, in rank order (for re-splitting the data stream
+        when the world size or worker count changed)."""
+        files = sorted(path.glob("rank_*.pt"))
+        return [torch.load(f, map_location="cpu", weights_only=False).get("data") for f in files]
+
     def load(self, path: Path, engine) -> tuple[dict, dict]:
         """Restore the engine; return (train_state, this rank's state)."""
         meta = json.loads((path / "meta.json").read_text())

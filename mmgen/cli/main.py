@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from mmgen.cli.data import add_data_commands
+
 
 def _load_run(run: str, overrides: list[str] | None = None):
     """Rebuild the job config and the plain model (newest checkpoint) of a run directory."""
@@ -31,15 +33,6 @@ def _load_run(run: str, overrides: list[str] | None = None):
     load_model_weights(model, ckpt)
     model.eval()
     return job, model, ckpt
-
-
-def cmd_make_shapes(a) -> None:
-    from mmgen.data.shapes import make_splits
-
-    paths = make_splits(a.out, num_train=a.train, num_val=a.val, image_size=a.image_size,
-                        seed=a.seed, samples_per_shard=a.per_shard)
-    counts = ", ".join(f"{len(v)} {k} shards" for k, v in paths.items())
-    print(f"wrote {counts} under {Path(a.out).resolve()}")
 
 
 def cmd_sample(a) -> None:
@@ -89,15 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmgen", description="mmgen tools (training: mmgen-train)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="datasets and shards").add_subparsers(dest="data_command", required=True)
-    ms = data.add_parser("make-shapes", help="write the embedded captioned-shapes dataset as WebDataset shards")
-    ms.add_argument("--out", default="data/shapes")
-    ms.add_argument("--train", type=int, default=20000, help="training samples")
-    ms.add_argument("--val", type=int, default=1000, help="held-out samples")
-    ms.add_argument("--image-size", type=int, default=32)
-    ms.add_argument("--per-shard", type=int, default=1000)
-    ms.add_argument("--seed", type=int, default=0)
-    ms.set_defaults(func=cmd_make_shapes)
+    add_data_commands(sub)
 
     sp = sub.add_parser("sample", help="generate images from captions and/or captions from images")
     sp.add_argument("run", help="run directory (newest checkpoint) or checkpoint directory's run")

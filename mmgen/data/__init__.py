@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from mmgen.data.config import DataConfig
+from mmgen.data.config import DataConfig, SourceConfig
 
 _LAZY = {
     "build_dataloader": "mmgen.data.loader",
@@ -15,9 +15,10 @@ _LAZY = {
     "MultimodalLoader": "mmgen.data.loader",
     "expand_shards": "mmgen.data.sources",
     "collate": "mmgen.data.pack",
+    "load_recipe": "mmgen.data.recipes",
 }
 
-__all__ = ["DataConfig", *_LAZY]
+__all__ = ["DataConfig", "SourceConfig", *_LAZY]
 
 
 def __getattr__(name: str):

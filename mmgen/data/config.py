@@ -1,15 +1,42 @@
-# The data pipeline's typed config (a Hydra structured config: flat, plain types only).
+# The data pipeline's typed config (a Hydra structured config: plain types, dicts of sources).
 """`DataConfig`: what the data pipeline receives, and nothing else (STYLE.md habit 4).
+
+One source (the default): ``train_shards`` / ``val_shards`` hold image-text pairs and the source
+is called ``name``. Several sources: ``sources`` maps a name to a ``SourceConfig`` (shards and
+sample type) and ``weights`` gives each source's share of the documents (sample-level mixing,
+README.md "Mixing"); ``train_shards`` / ``val_shards`` are then unused.
 
 Shard existence is checked when the loader is built (``build_dataloader``), not here, so a
 config can be validated on a machine that does not hold the data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Framing tokens of the smallest image document: [BOS] [BOI] <image> [EOI] [EOS].
 DOC_FRAME_TOKENS = 4
+
+PAIR, INTERLEAVED, VIDEO = "pair", "interleaved", "video"
+SAMPLE_TYPES = (PAIR, INTERLEAVED, VIDEO)
+CLIP_STARTS = ("random", "start", "center")
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a mixture.
+
+    Args:
+        shards: training shards (directory, glob, brace pattern, or several joined by "::").
+        val_shards: held-out shards; empty = this source has no validation split.
+        type: sample type of every sample: "pair" (image + caption), "interleaved" (``.json``
+            with parallel ``texts``/``images`` lists + image members) or "video" (clip + caption).
+        recipe: the ``data_recipes/<recipe>.yaml`` the shards were made with (documentation).
+    """
+
+    shards: str = ""
+    val_shards: str = ""
+    type: str = PAIR
+    recipe: str = ""
 
 
 @dataclass
@@ -24,17 +51,49 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 16            # packed rows per micro-batch per rank
     num_workers: int = 1            # DataLoader workers per rank; 0 = in the main process
-    t2i_ratio: float = 0.5          # share of examples that are text->image; rest image->text
-    caption_dropout: float = 0.1    # t2i examples with an emptied caption (for CFG)
+    t2i_ratio: float = 0.5          # share of examples that generate the visual span (t2i, t2v)
+    caption_dropout: float = 0.1    # generation examples with an emptied caption (for CFG)
     seed: int = 0
     shuffle_samples: bool = True
     tokenizer: str = "bytes"
     prefetch_factor: int = 2        # batches prefetched per worker (num_workers > 0 only)
+    # -- several sources (empty: one pair source `name` from train_shards / val_shards) ------
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)    # source -> weight; {} = equal
+    # -- video clips ---------------------------------------------------------------------------
+    video_frames: int = 8           # frames per clip (the span's grid t)
+    video_fps: float = 4.0          # frames are sampled at this rate from the clip start
+    video_size: int = 0             # frame side in pixels; 0 = image_size
+    video_clip_start: str = "random"   # random (hash of seed and key) | start | center
+    # -- interleaved documents -----------------------------------------------------------------
+    max_images_per_doc: int = 8     # images after this many are dropped (counted)
 
     @property
     def image_tokens(self) -> int:
         """Visual positions of one image span."""
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def frame_size(self) -> int:
+        return self.video_size or self.image_size
+
+    @property
+    def video_tokens(self) -> int:
+        """Visual positions of one video span (per-frame patches, t = video_frames)."""
+        return self.video_frames * (self.frame_size // self.patch_size) ** 2
+
+    def source_configs(self, split: str = "train") -> dict[str, SourceConfig]:
+        """Every source by name, in a fixed (sorted) order; the single-source default too."""
+        if not self.sources:
+            return {self.name: SourceConfig(self.train_shards, self.val_shards, PAIR)}
+        return {k: self.sources[k] for k in sorted(self.sources)}
+
+    def source_weights(self) -> dict[str, float]:
+        """Normalised weights in source order (equal when ``weights`` is empty)."""
+        names = list(self.source_configs())
+        raw = {n: float(self.weights.get(n, 0.0) if self.weights else 1.0) for n in names}
+        total = sum(raw.values())
+        return {n: w / total for n, w in raw.items()}
 
     def validate(self) -> "DataConfig":
         """Raise ValueError (one line) on an inconsistent config; return self for chaining."""
@@ -56,5 +115,34 @@ class DataConfig:
         need(0.0 <= self.t2i_ratio <= 1.0, f"t2i_ratio must be in [0, 1], got {self.t2i_ratio}")
         need(0.0 <= self.caption_dropout <= 1.0,
              f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
-        need(bool(self.train_shards), "train_shards is empty")
+        need(self.max_images_per_doc >= 1,
+             f"max_images_per_doc must be >= 1, got {self.max_images_per_doc}")
+        if not self.sources:
+            need(bool(self.train_shards), "train_shards is empty")
+        for name, src in self.sources.items():
+            need(bool(name) and "/" not in name, f"source name {name!r} must be non-empty, no '/'")
+            need(src.type in SAMPLE_TYPES,
+                 f"sources.{name}.type={src.type!r} is not one of {', '.join(SAMPLE_TYPES)}")
+            need(bool(src.shards), f"sources.{name}.shards is empty")
+        names = set(self.source_configs())
+        for name, w in self.weights.items():
+            need(name in names, f"weights.{name}: no such source (sources: {', '.join(sorted(names))})")
+            need(w >= 0, f"weights.{name}={w} must be >= 0")
+        if self.weights:
+            missing = sorted(names - set(self.weights))
+            need(not missing, f"weights has no entry for source(s) {', '.join(missing)} "
+                              f"(give every source a weight, 0 to leave one out)")
+            need(sum(self.weights.values()) > 0, "weights sum to 0")
+        if any(s.type == VIDEO for s in self.sources.values()):
+            need(self.video_frames >= 1, f"video_frames must be >= 1, got {self.video_frames}")
+            need(self.video_fps > 0, f"video_fps must be > 0, got {self.video_fps}")
+            need(self.frame_size % self.patch_size == 0,
+                 f"video frame size {self.frame_size} is not divisible by patch_size "
+                 f"{self.patch_size}")
+            need(self.video_clip_start in CLIP_STARTS,
+                 f"video_clip_start={self.video_clip_start!r} is not one of {', '.join(CLIP_STARTS)}")
+            need(self.video_tokens + DOC_FRAME_TOKENS <= self.seq_len,
+                 f"one video document needs {self.video_tokens + DOC_FRAME_TOKENS} positions "
+                 f"({self.video_frames} frames x {(self.frame_size // self.patch_size) ** 2} "
+                 f"patches + {DOC_FRAME_TOKENS}) but seq_len is {self.seq_len}")
         return self

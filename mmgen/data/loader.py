@@ -1,21 +1,25 @@
-# The data loader: runs the stages in workers, and owns the exact-resume cursor of every worker.
+# The data loader: runs the stages in workers, mixes sources, and owns every worker's resume state.
 """``build_dataloader`` -> ``MultimodalLoader``: an infinite iterator of packed
 ``MultimodalBatch`` with ``state_dict()`` / ``load_state_dict()`` / ``stats()``.
 
 How resume stays exact (README.md, "Resume"):
 
-* A *logical worker* w in 0..W-1 (W = max(1, num_workers)) reads a fixed sub-stream: in every
-  epoch its shards are ``worker_shards(..., rank, world_size, w, W)``, in its permuted sample order.
-* Its cursor is (epoch, shard index, sample offset) of the first sample **not in any emitted
-  batch**; every batch carries its worker's cursor and counters in ``meta["data_state"]``.
-* DataLoader hands out batches from workers 0, 1, ..., W-1 in turn. After C consumed batches the
-  next one is due from logical worker C % W, so on resume DataLoader worker j plays logical
-  worker (j + C) % W: the batch sequence continues exactly as if never interrupted.
+* A *logical worker* w in 0..W-1 (W = max(1, num_workers)) of rank r is reader
+  ``g = r + world_size * w`` of ``R = world_size * W``. For every source it reads a fixed
+  sub-stream: in each epoch the items ``epoch_items(shards, seed, epoch, g, R)``, each in its
+  permuted sample order.
+* Its state is, per source, a cursor (epoch, item index, sample offset) of the first sample
+  **not in any emitted batch**, plus the mixing generator's state before the draw of that
+  document; every batch carries its worker's state in ``meta["data_state"]``.
+* DataLoader hands out batches from workers 0, 1, ..., W-1 in turn. The main process tracks
+  which logical worker is due next (``rotation``), so on resume DataLoader worker j plays logical
+  worker (j + rotation) % W: the batch sequence continues exactly as if never interrupted.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -25,94 +29,234 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmgen.data import decode as dec
 from mmgen.data.batch import MultimodalBatch
-from mmgen.data.config import DataConfig
-from mmgen.data.pack import BatchPacker, Document, build_document, choose_task, collate
-from mmgen.data.sources import (check_split, expand_shards, read_shard, sample_order,
-                                shard_fingerprint, worker_shards)
+from mmgen.data.config import PAIR, VIDEO, DataConfig
+from mmgen.data.mixing import Mixer
+from mmgen.data.pack import (BatchPacker, Document, build_document, build_interleaved_document,
+                             build_video_document, choose_task, collate)
+from mmgen.data.resume import (STATE_VERSION, check_compatible, check_rank_set,
+                               fresh_source_state, resplit, upgrade)
+from mmgen.data.sources import (ShardFile, epoch_items, expand_shards, read_shard, reader_index,
+                                sample_order, shard_fingerprint)
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
 
+@dataclass
+class _Source:
+    name: str
+    type: str
+    pattern: str
+    shards: list[str]
 
-def _initial_cursor() -> dict:
-    return {"epoch": 0, "shard": 0, "offset": 0}
+    @property
+    def names(self) -> list[str]:
+        return [os.path.basename(s) for s in self.shards]
 
 
 @dataclass
-class _Split:
-    """Who reads what: everything a worker needs to compute its shard lists."""
-    shards: list[str]
-    seed: int
+class _Layout:
+    """Who reads: this rank, the number of ranks and of logical workers per rank."""
     rank: int
     world_size: int
     num_workers: int       # logical workers (>= 1)
 
-    def shards_for(self, worker: int, epoch: int) -> list[str]:
-        return worker_shards(self.shards, self.seed, epoch, self.rank, self.world_size,
-                             worker, self.num_workers)
+    @property
+    def num_readers(self) -> int:
+        return self.world_size * self.num_workers
+
+    def reader(self, worker: int) -> int:
+        return reader_index(self.rank, self.world_size, worker)
+
+
+def _fresh_worker_state(sources: list[_Source]) -> dict:
+    return {"mix": None, "sources": {s.name: fresh_source_state() for s in sources}}
 
 
 # ----------------------------------------------------------------------------------------------
-# One logical worker's stream: shards -> samples -> decode -> documents
+# One source's documents for one logical worker, with an explicit state
 # ----------------------------------------------------------------------------------------------
 
-class _DocumentStream:
-    """Documents of one logical worker from a cursor on, forever. Alongside each document it
-    yields the cursor and counters as they were *before* that document's sample was read, which
-    is what a batch that stops just before the document must record."""
+class _SourceStream:
+    """Stages 2-8 for one (source, logical worker): items -> samples -> decode -> documents.
 
-    def __init__(self, cfg: DataConfig, tokenizer, split: _Split, worker: int, cursor: dict,
-                 counters: dict):
-        self.cfg, self.tokenizer, self.split, self.worker = cfg, tokenizer, split, worker
-        self.cursor = dict(cursor)
+    ``state()`` is always "the next sample to read, and the counters so far", so a snapshot taken
+    before ``next_doc()`` is where a batch that stops before that document must resume.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, source: _Source, layout: _Layout, worker: int,
+                 state: dict, single: bool):
+        self.cfg, self.tok, self.src = cfg, tokenizer, source
+        self.reader, self.num_readers = layout.reader(worker), layout.num_readers
+        self.names = source.names
+        self.cursor = dict(state["cursor"])
+        self.plan = state.get("plan")            # never mutated: snapshots share it
+        counters = state.get("counters", {})
+        self.samples_read = int(counters.get("samples_read", 0))
+        self.images_dropped = int(counters.get("images_dropped", 0))
+        self.truncated = int(counters.get("truncated", 0))
         self.skips = dec.SkipLog()
         self.skips.counts.update(counters.get("skipped", {}))
-        self.samples_read = int(counters.get("samples_read", 0))
+        self.hash_key = (lambda k: k) if single else (lambda k: f"{source.name}/{k}")
+        self._items: tuple[int, list] | None = None
+        self._file: tuple[int, ShardFile] | None = None
+        self._order: tuple[tuple, list[int]] | None = None
+        # empty-epoch detection (only for epochs this object starts from their beginning)
+        self._epoch_fresh = self.plan is None and (self.cursor["shard"], self.cursor["offset"]) == (0, 0)
+        self._epoch_reads = self._epoch_docs = self._empty_epochs = 0
 
     def counters(self) -> dict:
-        return {"samples_read": self.samples_read, "skipped": dict(self.skips.counts)}
+        out = {"samples_read": self.samples_read, "skipped": dict(self.skips.counts)}
+        if self.images_dropped:
+            out["images_dropped"] = self.images_dropped
+        if self.truncated:
+            out["truncated"] = self.truncated
+        return out
 
-    def __iter__(self) -> Iterator[tuple[Document, dict, dict]]:
-        epoch, first, offset = (self.cursor[k] for k in ("epoch", "shard", "offset"))
+    def state(self) -> dict:
+        return {"cursor": dict(self.cursor), "plan": self.plan, "counters": self.counters()}
+
+    # -- where the cursor points ------------------------------------------------------------------
+    def _epoch_items(self, epoch: int) -> list:
+        if self._items is None or self._items[0] != epoch:
+            self._items = (epoch, epoch_items(self.names, self.cfg.seed, epoch, self.reader,
+                                              self.num_readers))
+        return self._items[1]
+
+    def _item(self) -> tuple[int, int, int, int]:
+        """(epoch, shard, slot, stride) at the cursor, moving past finished plans and epochs."""
         while True:
-            shards = self.split.shards_for(self.worker, epoch)
-            whole_epoch, found = (first, offset) == (0, 0), False
-            for shard_idx in range(first, len(shards)):
-                for item in self._shard(shards[shard_idx], epoch, shard_idx, offset):
-                    found = True
-                    yield item
-                offset = 0
-            if whole_epoch and not found:  # otherwise an all-bad shard set would spin forever
-                raise RuntimeError(f"data: worker {self.worker} found no usable sample in a whole "
-                                   f"epoch of its shards {shards}; see the skip log above")
-            epoch, first = epoch + 1, 0
+            if self.plan is not None:
+                items = self.plan["items"]
+                if self.cursor["shard"] < len(items):
+                    e, s, slot, stride, _ = items[self.cursor["shard"]]
+                    return e, s, slot, stride
+                self.cursor = {"epoch": int(self.plan["next_epoch"]), "shard": 0, "offset": 0}
+                self.plan = None
+                self._new_epoch()
+                continue
+            e = self.cursor["epoch"]
+            items = self._epoch_items(e)
+            if self.cursor["shard"] < len(items):
+                return (e, *items[self.cursor["shard"]])
+            self._end_epoch(e)
+            self.cursor = {"epoch": e + 1, "shard": 0, "offset": 0}
+            self._new_epoch()
 
-    def _shard(self, path: str, epoch: int, shard_idx: int, offset: int):
-        raw, error = read_shard(path)
-        order = sample_order(len(raw), self.cfg.shuffle_samples, self.cfg.seed, epoch, path)
-        for k in range(offset, len(order)):
-            before = ({"epoch": epoch, "shard": shard_idx, "offset": k}, self.counters())
-            doc = self._document(raw[order[k]], path)
+    def _new_epoch(self) -> None:
+        self._epoch_fresh, self._epoch_reads, self._epoch_docs = True, 0, 0
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Refuse to spin forever on a source that cannot give this reader a document."""
+        if not self._epoch_fresh or self._epoch_docs:
+            self._empty_epochs = 0
+            return
+        where = (f"source {self.src.name!r} ({len(self.names)} shards, pattern "
+                 f"'{self.src.pattern}'), reader {self.reader} of {self.num_readers}")
+        if self._epoch_reads:
+            raise RuntimeError(f"data: no usable sample in a whole epoch ({epoch}) of {where}; "
+                               f"see the skip log above")
+        self._empty_epochs += 1
+        if self._empty_epochs > len(self.names):
+            raise RuntimeError(f"data: {self._empty_epochs} epochs in a row without a sample for "
+                               f"{where}: the source has fewer samples than readers")
+
+    def _advance(self) -> None:
+        self.cursor["shard"] += 1
+        items = self.plan["items"] if self.plan is not None else None
+        in_plan = items is not None and self.cursor["shard"] < len(items)
+        self.cursor["offset"] = int(items[self.cursor["shard"]][4]) if in_plan else 0
+
+    def _shard_file(self, shard: int) -> ShardFile:
+        if self._file is None or self._file[0] != shard:
+            if self._file is not None:
+                self._file[1].close()
+            self._file = (shard, ShardFile(self.src.shards[shard]))
+        return self._file[1]
+
+    def _sub_order(self, epoch: int, shard: int, slot: int, stride: int, sf: ShardFile) -> list[int]:
+        key = (epoch, shard, slot, stride)
+        if self._order is None or self._order[0] != key:
+            order = sample_order(len(sf), self.cfg.shuffle_samples, self.cfg.seed, epoch, sf.path)
+            self._order = (key, order[slot::stride])
+        return self._order[1]
+
+    # -- documents --------------------------------------------------------------------------------
+    def next_doc(self) -> Document:
+        while True:
+            epoch, shard, slot, stride = self._item()
+            sf = self._shard_file(shard)
+            order = self._sub_order(epoch, shard, slot, stride, sf)
+            k = self.cursor["offset"]
+            if k >= len(order):
+                if sf.error is not None and slot == 0:   # the samples before the damage were used
+                    self.skips.skip(dec.SHARD_ERROR, sf.path, "-", sf.error)
+                self._advance()
+                continue
+            self.cursor["offset"] = k + 1
+            self.samples_read += 1
+            self._epoch_reads += 1
+            try:
+                raw = sf.load(order[k])
+            except OSError as exn:   # the file changed or vanished: lose the rest of this shard
+                self.skips.skip(dec.SHARD_ERROR, sf.path, "-", str(exn))
+                self.cursor["offset"] = len(order)
+                continue
+            doc = self._document(raw, sf.path)
             if doc is not None:
-                yield doc, *before
-        if error is not None:  # the samples before the damage were used; the rest are lost
-            self.skips.skip(dec.SHARD_ERROR, path, "-", error)
+                self._epoch_docs += 1
+                doc.meta["epoch"] = epoch
+                return doc
 
     def _document(self, raw: dict, path: str) -> Document | None:
-        self.samples_read += 1
+        cfg, tok, name = self.cfg, self.tok, self.src.name
         key = raw.get("__key__", "?")
-        out = dec.decode_sample(raw, self.cfg.image_size)
+        hkey = self.hash_key(key)
+        if self.src.type == PAIR:
+            out = dec.decode_sample(raw, cfg.image_size)
+            if not isinstance(out, tuple):
+                task, dropped = choose_task(cfg.seed, hkey, cfg.t2i_ratio, cfg.caption_dropout)
+                doc = build_document(out, task, dropped, tok, cfg.patch_size, name, PAIR)
+        elif self.src.type == VIDEO:
+            out = dec.decode_video_sample(raw, cfg.frame_size, cfg.video_frames, cfg.video_fps,
+                                          cfg.video_clip_start, cfg.seed, hkey)
+            if not isinstance(out, tuple):
+                task, dropped = choose_task(cfg.seed, hkey, cfg.t2i_ratio, cfg.caption_dropout)
+                doc = build_video_document(out, task, dropped, tok, cfg.patch_size, name)
+        else:
+            out = dec.decode_interleaved(raw, cfg.image_size, cfg.max_images_per_doc)
+            if not isinstance(out, tuple):
+                self.images_dropped += out.images_dropped
+                doc = build_interleaved_document(out, cfg.seed, cfg.t2i_ratio, tok, cfg.patch_size,
+                                                 cfg.seq_len, name)
+                self.truncated += bool(doc.meta["truncated"])
         if isinstance(out, tuple):
             self.skips.skip(out[0], path, key, out[1])
             return None
-        cfg = self.cfg
-        task, dropped = choose_task(cfg.seed, key, cfg.t2i_ratio, cfg.caption_dropout)
-        doc = build_document(out, task, dropped, self.tokenizer, cfg.patch_size)
         if len(doc) > cfg.seq_len:
             self.skips.skip(dec.TOO_LONG, path, key, f"{len(doc)} > seq_len {cfg.seq_len}")
             return None
         return doc
+
+
+class _WorkerStream:
+    """All sources of one logical worker, mixed per document by the worker's own generator."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, sources: list[_Source], weights: dict,
+                 layout: _Layout, worker: int, state: dict, resplits: int):
+        single = len(sources) == 1
+        self.streams = {s.name: _SourceStream(cfg, tokenizer, s, layout, worker,
+                                              state["sources"].get(s.name) or fresh_source_state(),
+                                              single)
+                        for s in sources}
+        self.mixer = Mixer(weights, (cfg.seed, layout.rank, layout.world_size, worker, resplits),
+                           state.get("mix"))
+
+    def state(self) -> dict:
+        return {"mix": self.mixer.state(),
+                "sources": {n: s.state() for n, s in self.streams.items()}}
+
+    def next_doc(self) -> Document:
+        return self.streams[self.mixer.choose()].next_doc()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,35 +265,38 @@ class _DocumentStream:
 
 class PackedBatchDataset(IterableDataset):
     """Yields packed batches of one logical worker. ``start`` holds every logical worker's
-    cursor and counters; ``role_offset`` rotates DataLoader worker ids onto logical workers."""
+    state; ``role_offset`` rotates DataLoader worker ids onto logical workers."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, split: _Split):
-        self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
-        self.start: list[dict] = [{"cursor": _initial_cursor(), "counters": {}}
-                                  for _ in range(split.num_workers)]
+    def __init__(self, cfg: DataConfig, tokenizer, sources: list[_Source], weights: dict,
+                 layout: _Layout):
+        self.cfg, self.tokenizer, self.sources, self.weights = cfg, tokenizer, sources, weights
+        self.layout = layout
+        self.start: list[dict] = [_fresh_worker_state(sources) for _ in range(layout.num_workers)]
         self.role_offset = 0
+        self.resplits = 0
 
     def _logical_worker(self) -> int:
         info = get_worker_info()
         physical, count = (info.id, info.num_workers) if info else (0, 1)
-        if count != self.split.num_workers:
-            raise RuntimeError(f"data: DataLoader has {count} workers, split expects "
-                               f"{self.split.num_workers}")
+        if count != self.layout.num_workers:
+            raise RuntimeError(f"data: DataLoader has {count} workers, the layout expects "
+                               f"{self.layout.num_workers}")
         return (physical + self.role_offset) % count
 
     def __iter__(self) -> Iterator[MultimodalBatch]:
         worker = self._logical_worker()
-        start = self.start[worker]
-        stream = _DocumentStream(self.cfg, self.tokenizer, self.split, worker, start["cursor"],
-                                 start["counters"])
+        stream = _WorkerStream(self.cfg, self.tokenizer, self.sources, self.weights, self.layout,
+                               worker, self.start[worker], self.resplits)
         packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)
         patch_dim = self.cfg.patch_size**2 * 3
-        for doc, cursor, counters in stream:
+        while True:
+            before = stream.state()
+            doc = stream.next_doc()
             if packer.add(doc):
                 continue
             # `doc` starts the next batch: it is the first document not in this one
             batch = packer.build(self.tokenizer.pad, patch_dim)
-            batch.meta["data_state"] = {"worker": worker, "cursor": cursor, "counters": counters}
+            batch.meta["data_state"] = {"worker": worker, "state": before}
             yield batch
             packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)
             packer.add(doc)
@@ -164,21 +311,26 @@ class MultimodalLoader:
 
     Each ``iter()`` continues after the last batch this object yielded (batches prefetched but
     never yielded are discarded and re-made), so ``load_state_dict`` may be called between
-    iterations, never during one.
+    iterations, never during one. The stream never ends, so every rank yields as many batches
+    as it is asked for: collectives in the training step cannot hang on uneven data.
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer, split: _Split, pattern: str, split_name: str):
-        self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
-        self.pattern, self.split_name = pattern, split_name
-        self.dataset = PackedBatchDataset(cfg, tokenizer, split)
+    def __init__(self, cfg: DataConfig, tokenizer, sources: list[_Source], weights: dict,
+                 layout: _Layout, split_name: str):
+        self.cfg, self.tokenizer, self.sources, self.weights = cfg, tokenizer, sources, weights
+        self.layout, self.split_name = layout, split_name
+        self.dataset = PackedBatchDataset(cfg, tokenizer, sources, weights, layout)
         self._workers = copy.deepcopy(self.dataset.start)
-        self._consumed = 0
+        self._rotation = 0          # the logical worker whose batch is due next
+        self._batches = 0
+        self._resplits = 0
         self._totals: Counter[str] = Counter()
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[MultimodalBatch]:
         self.dataset.start = copy.deepcopy(self._workers)
-        self.dataset.role_offset = self._consumed % self.split.num_workers
+        self.dataset.role_offset = self._rotation
+        self.dataset.resplits = self._resplits
         for batch in self._dataloader():
             self._record(batch)
             yield batch
@@ -188,57 +340,145 @@ class MultimodalLoader:
             return iter(self.dataset)
         return iter(DataLoader(self.dataset, batch_size=None, collate_fn=collate,
                                num_workers=self.cfg.num_workers,
-                               prefetch_factor=self.cfg.prefetch_factor))
+                               prefetch_factor=self.cfg.prefetch_factor,
+                               multiprocessing_context=self._worker_context()))
+
+    def _worker_context(self):
+        """Workers of a source set with video start from a forkserver, not a fork of this
+        process: once this process has decoded video, PyAV/FFmpeg state inherited by fork can
+        deadlock a worker's first frame conversion (seen here: workers stuck in swscale).
+        The server is started once per process, with the loader pre-imported."""
+        if not any(s.type == VIDEO for s in self.sources):
+            return None
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["mmgen.data.loader"])
+        return ctx
 
     def _record(self, batch: MultimodalBatch) -> None:
         state = batch.meta["data_state"]
-        expected = self._consumed % self.split.num_workers
-        if state["worker"] != expected:  # would mean DataLoader's round-robin assumption broke
+        if state["worker"] != self._rotation:  # would mean DataLoader's round-robin assumption broke
             raise RuntimeError(f"data: batch from logical worker {state['worker']}, "
-                               f"expected {expected}")
-        self._workers[expected] = {"cursor": state["cursor"], "counters": state["counters"]}
-        self._consumed += 1
+                               f"expected {self._rotation}")
+        self._workers[self._rotation] = state["state"]
+        self._rotation = (self._rotation + 1) % self.layout.num_workers
+        self._batches += 1
         self._totals["documents"] += len(batch.meta["key"])
         self._totals["positions"] += batch.document_ids.numel()
         self._totals["padding"] += int((batch.document_ids < 0).sum())
+        for name in batch.meta["source"]:
+            self._totals[f"documents/{name}"] += 1
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain JSON-serialisable dict (see README.md, "State dict")."""
+        L = self.layout
         return {
-            "version": STATE_VERSION, "split": self.split_name, "rank": self.split.rank,
-            "world_size": self.split.world_size, "num_workers": self.split.num_workers,
-            "seed": self.cfg.seed, "num_shards": len(self.split.shards),
-            "shards_fingerprint": shard_fingerprint(self.split.shards),
-            "batches": self._consumed, "totals": dict(self._totals),
+            "version": STATE_VERSION, "split": self.split_name, "rank": L.rank,
+            "world_size": L.world_size, "num_workers": L.num_workers, "seed": self.cfg.seed,
+            "shuffle_samples": self.cfg.shuffle_samples,
+            "sources": {s.name: {"type": s.type, "num_shards": len(s.shards),
+                                 "shards_fingerprint": shard_fingerprint(s.shards)}
+                        for s in self.sources},
+            "weights": dict(self.weights), "batches": self._batches, "rotation": self._rotation,
+            "resplits": self._resplits, "totals": dict(self._totals),
             "workers": copy.deepcopy(self._workers),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a state saved by ``state_dict``. Either this rank's own state from the same
+        layout (exact resume), or ``{"ranks": [state of old rank 0, 1, ...]}`` with every old
+        rank's state, which also works after the world size or worker count changed (re-split,
+        README.md "Re-splitting")."""
+        if "ranks" in state:
+            self._load_all_ranks(state["ranks"])
+            return
+        state = upgrade(state, self.sources[0].name)
         mine = self.state_dict()
-        for k in ("version", "split", "rank", "world_size", "num_workers", "seed", "num_shards",
-                  "shards_fingerprint"):
-            if state.get(k) != mine[k]:
-                raise ValueError(f"data: cannot resume: state has {k}={state.get(k)!r}, this "
-                                 f"loader has {mine[k]!r} (re-splitting a stream is not supported)")
-        self._workers = copy.deepcopy(state["workers"])
-        self._consumed = int(state["batches"])
+        check_compatible(state, mine)
+        for k in ("rank", "world_size", "num_workers"):
+            if state[k] != mine[k]:
+                raise ValueError(
+                    f"data: cannot resume: state has {k}={state[k]!r}, this loader has "
+                    f"{mine[k]!r}; a layout change (world_size {state['world_size']} -> "
+                    f"{mine['world_size']}, num_workers {state['num_workers']} -> "
+                    f"{mine['num_workers']}) re-splits the stream and needs every old rank's "
+                    f"state: load_state_dict({{'ranks': [...]}})")
+        known = set(state["sources"])
+        for s in self.sources:
+            if s.name not in known:
+                log.warning("data: source %r is new in this run: it starts from its beginning",
+                            s.name)
+        self._workers = [{"mix": w.get("mix"),
+                          "sources": {s.name: w["sources"].get(s.name) or fresh_source_state()
+                                      for s in self.sources}}
+                         for w in copy.deepcopy(state["workers"])]
+        self._batches = int(state["batches"])
+        self._rotation = int(state["rotation"])
+        self._resplits = int(state.get("resplits", 0))
         self._totals = Counter(state.get("totals", {}))
+
+    def _load_all_ranks(self, states: list[dict]) -> None:
+        states = check_rank_set([upgrade(s, self.sources[0].name) for s in states])
+        mine = self.state_dict()
+        for s in states:
+            check_compatible(s, mine)
+        old = states[0]
+        if (old["world_size"], old["num_workers"]) == (mine["world_size"], mine["num_workers"]):
+            self.load_state_dict(states[self.layout.rank])   # same layout: exact resume
+            return
+        L = self.layout
+        per_source = {s.name: resplit(states, s.name, s.names, self.cfg.seed, L.num_readers)
+                      for s in self.sources}
+        self._workers = [{"mix": None, "sources": {n: per_source[n][L.reader(w)]
+                                                   for n in per_source}}
+                         for w in range(L.num_workers)]
+        self._batches = int(old["batches"])
+        self._rotation = 0
+        self._resplits = max(int(s.get("resplits", 0)) for s in states) + 1
+        self._totals = Counter(states[L.rank]["totals"]) if L.rank < len(states) else Counter()
+        log.info("data: re-split the stream of %d ranks x %d workers onto %d ranks x %d workers "
+                 "(rank %d)", old["world_size"], old["num_workers"], L.world_size, L.num_workers,
+                 L.rank)
 
     def stats(self) -> dict:
         """Counters since the start of training (restored on resume): samples read and skipped
-        (by reason) as of the consumed batches, documents and batches consumed, padding."""
+        (by reason) as of the consumed batches, documents and batches consumed, padding, and per
+        source ``source/<name>/{documents,share,samples_read,skipped,epoch}``."""
         skipped: Counter[str] = Counter()
+        per: dict[str, Counter] = {s.name: Counter() for s in self.sources}
+        epoch = 0
         for w in self._workers:
-            skipped.update(w["counters"].get("skipped", {}))
-        positions = self._totals["positions"]
-        return {
-            "samples_read": sum(w["counters"].get("samples_read", 0) for w in self._workers),
+            for name, st in w["sources"].items():
+                c = st.get("counters", {})
+                skipped.update(c.get("skipped", {}))
+                if name in per:
+                    per[name]["samples_read"] += c.get("samples_read", 0)
+                    per[name]["skipped"] += sum(c.get("skipped", {}).values())
+                    per[name]["images_dropped"] += c.get("images_dropped", 0)
+                    per[name]["truncated"] += c.get("truncated", 0)
+                    per[name]["epoch"] = max(per[name]["epoch"], st["cursor"]["epoch"])
+                epoch = max(epoch, st["cursor"]["epoch"])
+        positions, docs = self._totals["positions"], self._totals["documents"]
+        out = {
+            "samples_read": sum(p["samples_read"] for p in per.values()),
             "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
-            "batches": self._consumed, "documents": self._totals["documents"],
+            "batches": self._batches, "documents": docs,
             "padding_fraction": self._totals["padding"] / positions if positions else 0.0,
-            "epoch": max(w["cursor"]["epoch"] for w in self._workers),
+            "epoch": epoch,
         }
+        for name, p in per.items():
+            n = self._totals[f"documents/{name}"]
+            out.update({f"source/{name}/documents": n,
+                        f"source/{name}/share": n / docs if docs else 0.0,
+                        f"source/{name}/samples_read": p["samples_read"],
+                        f"source/{name}/skipped": p["skipped"],
+                        f"source/{name}/epoch": p["epoch"]})
+            if p["images_dropped"] or p["truncated"]:
+                out[f"source/{name}/images_dropped"] = p["images_dropped"]
+                out[f"source/{name}/truncated"] = p["truncated"]
+        return out
 
 
 def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
@@ -247,22 +487,36 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
 
     Args:
         cfg: the data config (validated here).
-        tokenizer: text tokenizer (``pad``, ``bos``, ``eos``, ``boi``, ``eoi``, ``visual``,
-            ``encode``), e.g. ``mmgen.models.tokenizers.text.ByteTokenizer``.
+        tokenizer: text tokenizer (``pad``, ``bos``, ``eos``, ``boi``, ``eoi``, ``bov``,
+            ``eov``, ``visual``, ``encode``), e.g. ``mmgen.models.tokenizers.text.ByteTokenizer``.
         rank, world_size: this rank among the data-parallel ranks that read distinct data.
-        split: "train" or "val" (selects ``train_shards`` / ``val_shards``).
+        split: "train" or "val" (each source's train or val shards; sources without val shards
+            are left out of "val").
     """
     cfg.validate()
     if split not in ("train", "val"):
         raise ValueError(f"data: split must be 'train' or 'val', got {split!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"data: rank {rank} outside world_size {world_size}")
-    pattern = cfg.train_shards if split == "train" else cfg.val_shards
-    shards = expand_shards(pattern)
-    num_workers = max(1, cfg.num_workers)
-    check_split(shards, pattern, world_size, num_workers)
-    return MultimodalLoader(cfg, tokenizer, _Split(shards, cfg.seed, rank, world_size, num_workers),
-                            pattern, split)
+    sources = []
+    for name, sc in cfg.source_configs().items():
+        pattern = sc.shards if split == "train" else sc.val_shards
+        if not pattern:
+            continue
+        sources.append(_Source(name, sc.type, pattern, expand_shards(pattern)))
+    if not sources:
+        raise ValueError(f"data: no source of data config '{cfg.name}' has {split} shards")
+    all_weights = cfg.source_weights()
+    weights = {s.name: all_weights[s.name] for s in sources}
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"data: every source with {split} shards has weight 0")
+    layout = _Layout(rank, world_size, max(1, cfg.num_workers))
+    for s in sources:
+        if len(s.shards) < layout.num_readers and rank == 0:
+            log.info("data: source %r has %d shards for %d readers (world_size %d x %d workers): "
+                     "readers share shards, each taking every k-th sample", s.name,
+                     len(s.shards), layout.num_readers, world_size, layout.num_workers)
+    return MultimodalLoader(cfg, tokenizer, sources, weights, layout, split)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,11 +4,18 @@
 * text->image:  ``[BOS] caption [BOI] <target image> [EOI] [EOS]``
   (caption dropped for classifier-free guidance: ``[BOS] [BOI] <target image> [EOI] [EOS]``)
 * image->text:  ``[BOS] [BOI] <condition image> [EOI] caption [EOS]``
+* text->video / video->text: the same with ``[BOV] <video> [EOV]``; a video span has grid
+  ``(T, H/p, W/p)``, per-frame patches in (t, h, w) row-major order, modality VIDEO.
+* interleaved:  ``[BOS] text [BOI] <image> [EOI] text [BOI] <image> [EOI] ... [EOS]``; each image
+  is a target (generated) with probability ``t2i_ratio`` (a hash of seed, key and image index),
+  else a condition. A document longer than ``seq_len`` is cut at the last segment that fits
+  (text may be cut mid-way; an image is never split) and closed with EOS.
 
-Next-token targets: caption bytes, the BOI that starts a generated image (t2i only, dropped
-captions included), caption bytes after EOI (i2t) and EOS are predicted; a position whose next
-position is visual, visual positions themselves, EOS (end of document) and padding are
-``IGNORE_INDEX``.
+Next-token targets, one rule for every layout: from every non-visual position the next token is
+predicted, except when the next position is visual or is the opening token (BOI/BOV) of a
+*condition* span, and except at EOS (end of document) and padding (``IGNORE_INDEX``). So the
+caption bytes, the BOI/BOV that starts a generated span (also after a dropped caption), text
+after EOI/EOV, and EOS are predicted.
 
 Packing is first-fit over the rows of the open batch, documents taken strictly in stream order;
 the batch closes when the next document fits in no row. So every batch holds a contiguous run of
@@ -19,14 +26,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from mmgen.data.batch import (CONTINUOUS, IGNORE_INDEX, IMAGE, TEXT, MultimodalBatch, SpanTable)
-from mmgen.data.decode import Sample
+from mmgen.data.batch import (CONTINUOUS, IGNORE_INDEX, IMAGE, TEXT, VIDEO, MultimodalBatch,
+                              SpanTable)
+from mmgen.data.decode import InterleavedSample, Sample, VideoSample
 from mmgen.data.patches import grid_coords, patchify, to_unit
 from mmgen.data.sources import unit_hash
 
 T2I, I2T = "t2i", "i2t"
+T2V, V2T = "t2v", "v2t"
+INTERLEAVED = "interleaved"
+META_KEYS = ("key", "shard", "caption", "task", "caption_dropped", "source", "type", "clip",
+             "epoch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,55 +59,152 @@ class Span:
     grid: tuple[int, int, int]     # (t, h, w)
     is_target: bool
     patches: torch.Tensor          # [t*h*w, patch_dim]
+    modality: int = IMAGE          # IMAGE or VIDEO
 
 
 @dataclass
 class Document:
-    """One tokenised document, ready to place in a row. A list of spans (not one image) so
-    interleaved documents and video clips fit the same packer later."""
+    """One tokenised document, ready to place in a row: text and any number of visual spans."""
     tokens: torch.Tensor           # [n] long
     targets: torch.Tensor          # [n] long
     modality: torch.Tensor         # [n] long
     coords: torch.Tensor           # [n, 3] long
     spans: list[Span]
-    meta: dict = field(default_factory=dict)   # key, shard, caption, task, caption_dropped
+    meta: dict = field(default_factory=dict)   # META_KEYS
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
 
 
+@dataclass
+class _Visual:
+    """A visual span to place: its patches, grid, modality, role, and framing token ids."""
+    patches: torch.Tensor
+    grid: tuple[int, int, int]
+    modality: int
+    is_target: bool
+    open_id: int
+    close_id: int
+
+
+def assemble(parts: list, tok, meta: dict) -> Document:
+    """``parts``: text as lists of token ids and ``_Visual`` spans, in order; BOS and EOS are
+    added here. Targets follow the module docstring's single rule."""
+    seq: list[int] = [tok.bos]
+    modality: list[int] = [TEXT]
+    no_predict: set[int] = set()        # positions whose next token is not predicted
+    spans: list[Span] = []
+    coords_at: list[tuple[int, torch.Tensor]] = []
+    for part in parts:
+        if isinstance(part, _Visual):
+            if not part.is_target:
+                no_predict.add(len(seq) - 1)           # the token before a condition's BOI/BOV
+            seq.append(part.open_id)
+            modality.append(TEXT)
+            start, n = len(seq), part.patches.shape[0]
+            seq += [tok.visual] * n
+            modality += [part.modality] * n
+            spans.append(Span(start, part.grid, part.is_target, part.patches, part.modality))
+            coords_at.append((start, grid_coords(*part.grid)))
+            seq.append(part.close_id)
+            modality.append(TEXT)
+        else:
+            seq += part
+            modality += [TEXT] * len(part)
+    seq.append(tok.eos)
+    modality.append(TEXT)
+    tokens = torch.tensor(seq, dtype=torch.long)
+    mod = torch.tensor(modality, dtype=torch.long)
+    nxt_text = torch.zeros(len(seq), dtype=torch.bool)
+    nxt_text[:-1] = mod[1:] == TEXT
+    predict = (mod == TEXT) & nxt_text
+    if no_predict:
+        predict[torch.tensor(sorted(no_predict))] = False
+    targets = torch.full_like(tokens, IGNORE_INDEX)
+    idx = torch.nonzero(predict).flatten()
+    targets[idx] = tokens[idx + 1]
+    coords = torch.zeros(len(seq), 3, dtype=torch.long)
+    for start, c in coords_at:
+        coords[start:start + c.shape[0]] = c
+    full_meta = {k: None for k in META_KEYS}
+    full_meta.update(meta)
+    return Document(tokens, targets, mod, coords, spans, full_meta)
+
+
+def _image_visual(image: np.ndarray, patch_size: int, is_target: bool, tok) -> _Visual:
+    gh, gw = image.shape[0] // patch_size, image.shape[1] // patch_size
+    return _Visual(patchify(to_unit(image), patch_size), (1, gh, gw), IMAGE, is_target,
+                   tok.boi, tok.eoi)
+
+
 def build_document(sample: Sample, task: str, caption_dropped: bool, tokenizer,
-                   patch_size: int) -> Document:
+                   patch_size: int, source: str = "", sample_type: str = "pair") -> Document:
     """Tokenise one image-caption example into a t2i or i2t document."""
     tok = tokenizer
     caption = [] if caption_dropped else tok.encode(sample.caption)
-    patches = patchify(to_unit(sample.image), patch_size)
-    gh, gw = sample.image.shape[0] // patch_size, sample.image.shape[1] // patch_size
-    n_img = gh * gw
-    image = [tok.visual] * n_img
-    if task == T2I:
-        seq = [tok.bos, *caption, tok.boi, *image, tok.eoi, tok.eos]
-        img_start = 2 + len(caption)
-        # predicted: every caption byte, BOI after the caption, EOS after EOI
-        predict_from = [*range(0, len(caption) + 1), img_start + n_img]
-    else:
-        seq = [tok.bos, tok.boi, *image, tok.eoi, *caption, tok.eos]
-        img_start = 2
-        eoi = img_start + n_img
-        # predicted: caption bytes after EOI, then EOS
-        predict_from = list(range(eoi, eoi + len(caption) + 1))
-    tokens = torch.tensor(seq, dtype=torch.long)
-    targets = torch.full_like(tokens, IGNORE_INDEX)
-    idx = torch.tensor(predict_from, dtype=torch.long)
-    targets[idx] = tokens[idx + 1]
-    modality = torch.full_like(tokens, TEXT)
-    modality[img_start:img_start + n_img] = IMAGE
-    coords = torch.zeros(len(seq), 3, dtype=torch.long)
-    coords[img_start:img_start + n_img] = grid_coords(1, gh, gw)
-    span = Span(img_start, (1, gh, gw), task == T2I, patches)
-    meta = dict(key=sample.key, shard=sample.shard, caption=sample.caption, task=task,
-                caption_dropped=caption_dropped)
-    return Document(tokens, targets, modality, coords, [span], meta)
+    image = _image_visual(sample.image, patch_size, task == T2I, tok)
+    parts = [caption, image] if task == T2I else [image, caption]
+    return assemble(parts, tok, dict(key=sample.key, shard=sample.shard, caption=sample.caption,
+                                     task=task, caption_dropped=caption_dropped, source=source,
+                                     type=sample_type))
+
+
+def build_video_document(sample: VideoSample, task: str, caption_dropped: bool, tokenizer,
+                         patch_size: int, source: str = "") -> Document:
+    """Tokenise one clip-caption example: ``task`` is T2I (-> text->video) or I2T (video->text)."""
+    tok = tokenizer
+    generate = task in (T2I, T2V)
+    caption = [] if caption_dropped else tok.encode(sample.caption)
+    frames = sample.frames
+    t, gh, gw = frames.shape[0], frames.shape[1] // patch_size, frames.shape[2] // patch_size
+    patches = torch.cat([patchify(to_unit(f), patch_size) for f in frames])
+    video = _Visual(patches, (t, gh, gw), VIDEO, generate, tok.bov, tok.eov)
+    parts = [caption, video] if generate else [video, caption]
+    clip = {"fps": sample.fps, "frames": int(t), "start": round(sample.clip_start, 4),
+            "held": sample.held}
+    return assemble(parts, tok, dict(key=sample.key, shard=sample.shard, caption=sample.caption,
+                                     task=T2V if generate else V2T,
+                                     caption_dropped=caption_dropped, source=source,
+                                     type="video", clip=clip))
+
+
+def build_interleaved_document(sample: InterleavedSample, seed: int, t2i_ratio: float, tokenizer,
+                               patch_size: int, seq_len: int, source: str = "") -> Document:
+    """Tokenise an interleaved document, cut to ``seq_len`` at a segment boundary (text may be
+    cut); ``meta["truncated"]`` tells whether anything was cut."""
+    tok = tokenizer
+    room = seq_len - 2                       # BOS and EOS
+    parts: list = []
+    truncated = False
+    texts: list[str] = []
+    image_index = 0
+    for seg in sample.segments:
+        if isinstance(seg, str):
+            glue = " " if parts and not isinstance(parts[-1], _Visual) else ""
+            ids = tok.encode(glue + seg)
+            if len(ids) > room:
+                ids, truncated = ids[:room], True
+            if ids:
+                parts.append(ids)
+                room -= len(ids)
+            texts.append(seg)
+        else:
+            is_target = unit_hash("interleaved", seed, sample.key, image_index) < t2i_ratio
+            image_index += 1
+            vis = _image_visual(seg, patch_size, is_target, tok)
+            need = vis.patches.shape[0] + 2
+            if need > room:
+                truncated = True
+            else:
+                parts.append(vis)
+                room -= need
+        if truncated:
+            break
+    doc = assemble(parts, tok, dict(key=sample.key, shard=sample.shard,
+                                    caption=" ".join(texts)[:200], task=INTERLEAVED,
+                                    caption_dropped=False, source=source, type="interleaved"))
+    doc.meta["truncated"] = truncated
+    return doc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,9 +256,8 @@ class BatchPacker:
         spans, patches = self._span_table(span_ids, patch_dim)
         batch = MultimodalBatch(tokens, targets, positions, modality, document_ids, span_ids,
                                 coords, patches, spans,
-                                meta={k: [d.meta[k] for _, _, d in self.placed]
-                                      for k in ("key", "shard", "caption", "task",
-                                                "caption_dropped")})
+                                meta={k: [d.meta.get(k) for _, _, d in self.placed]
+                                      for k in META_KEYS})
         batch.loss_masks["visual"] = batch.target_visual_mask()
         return batch
 
@@ -169,7 +278,7 @@ class BatchPacker:
             grid=torch.tensor([list(r[2].grid) for r in rows], dtype=torch.long),
             kind=torch.full((len(rows),), CONTINUOUS, dtype=torch.long),
             is_target=torch.tensor([r[2].is_target for r in rows], dtype=torch.bool),
-            modality=torch.full((len(rows),), IMAGE, dtype=torch.long))
+            modality=torch.tensor([r[2].modality for r in rows], dtype=torch.long))
         return table, torch.cat([r[2].patches for r in rows])
 
 

@@ -1,10 +1,11 @@
-# Shard lists and sample order: the stages before decoding (mmgen owns the order, not webdataset).
+# Shard lists, sample order and tar reading: the stages before decoding (mmgen owns the order).
 """Stages 1-5 of the pipeline (see README.md): expand the shard pattern, permute shards per
-epoch, split by rank and by worker, read one shard and order its samples.
+epoch, split them among readers (rank x worker; sample-level when there are fewer shards than
+readers), index a shard's tar headers and read its samples on demand in a permuted order.
 
 Every order here is a pure function of (seed, epoch, names) through a keyed hash, never a running
-RNG or Python's global ``random``: a cursor (epoch, shard index, sample offset) then identifies
-the same sample on every machine and after every restart.
+RNG or Python's global ``random``: a cursor (epoch, item, sample offset) then identifies the same
+sample on every machine and after every restart, whatever the layout that reads it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import glob
 import hashlib
 import logging
 import os
+import re
+import tarfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import braceexpand
@@ -88,23 +92,38 @@ def epoch_shards(shards: list[str], seed: int, epoch: int) -> list[str]:
     return [shards[i] for i in hashed_permutation(names, "shards", seed, epoch)]
 
 
+def reader_index(rank: int, world_size: int, worker: int) -> int:
+    """Global reader id of (rank, logical worker): readers interleave ranks first, so position
+    ``i`` of an epoch's order goes to rank ``i % world_size`` (then worker ``i // world_size % W``)."""
+    return rank + world_size * worker
+
+
+def epoch_items(names: list[str], seed: int, epoch: int, reader: int, num_readers: int
+                ) -> list[tuple[int, int, int]]:
+    """What reader ``reader`` of ``num_readers`` reads in ``epoch``: ``(shard, slot, stride)``
+    triples, ``shard`` an index into ``names`` (the sorted shard list); the reader visits the
+    shard's permuted sample order at positions ``slot, slot + stride, ...``.
+
+    * ``len(names) >= num_readers``: whole shards; position ``i`` of the epoch's permutation goes
+      to reader ``i % num_readers`` (so counts differ by at most one shard).
+    * fewer shards than readers: every reader still gets work. Reader ``g`` shares shard
+      ``perm[g % S]`` with the other readers ``g' = g (mod S)`` and takes every ``k``-th sample of
+      it (``k`` = number of sharers, ``slot = g // S``): a partition of the shard's samples.
+    """
+    perm = hashed_permutation(names, "shards", seed, epoch)
+    n = len(perm)
+    if n >= num_readers:
+        return [(perm[i], 0, 1) for i in range(reader, n, num_readers)]
+    home = reader % n
+    return [(perm[home], reader // n, len(range(home, num_readers, n)))]
+
+
 def worker_shards(shards: list[str], seed: int, epoch: int, rank: int, world_size: int,
                   worker: int, num_workers: int) -> list[str]:
-    """The shards one (rank, logical worker) reads in ``epoch``: position i of the epoch's
-    permutation goes to rank i % world_size, then position j of the rank's list to worker
-    j % num_workers. Counts differ by at most one; a reader with fewer shards simply starts its
-    next epoch sooner (the stream is infinite)."""
+    """The whole shards one (rank, logical worker) reads in ``epoch`` when there are at least as
+    many shards as readers: position i of the epoch's permutation goes to rank i % world_size,
+    then position j of the rank's list to worker j % num_workers."""
     return epoch_shards(shards, seed, epoch)[rank::world_size][worker::num_workers]
-
-
-def check_split(shards: list[str], pattern: str, world_size: int, num_workers: int) -> None:
-    """Every reader needs at least one shard per epoch."""
-    readers = world_size * num_workers
-    if len(shards) < readers:
-        raise ValueError(
-            f"shard pattern '{pattern}' has {len(shards)} shards, fewer than world_size x "
-            f"num_workers = {world_size} x {num_workers} = {readers}; use fewer workers or more "
-            f"shards")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,3 +175,121 @@ def sample_order(num_samples: int, shuffle: bool, seed: int, epoch: int, shard: 
         return list(range(num_samples))
     names = [str(i) for i in range(num_samples)]
     return hashed_permutation(names, "samples", seed, epoch, os.path.basename(shard))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 5 (indexed): find samples by scanning tar headers, read members on demand
+# ----------------------------------------------------------------------------------------------
+
+_META = re.compile(r"__[^/]*__($|/)")        # webdataset skips these members entirely
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """``(key, extension)`` as webdataset's ``base_plus_ext``: the key is the path up to the first
+    dot of the basename, the extension the rest (lower-cased by the caller); (None, None) when
+    the basename has no dot."""
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+@dataclass
+class TarMember:
+    name: str
+    offset: int      # of the data, in bytes from the start of the file
+    size: int
+
+
+@dataclass
+class TarSample:
+    key: str
+    members: dict[str, TarMember] = field(default_factory=dict)   # extension -> member
+
+
+def scan_members(path: str) -> tuple[list[TarMember], str | None]:
+    """Regular-file members of an uncompressed tar, by reading its headers only (data is skipped
+    with seeks). Returns ``(members, error)``; on damage the members before it are kept."""
+    members: list[TarMember] = []
+    error = None
+    try:
+        size = os.path.getsize(path)
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                if info.offset_data + info.size > size:
+                    error = (f"truncated tar: member {info.name} needs {info.size} bytes, only "
+                             f"{max(0, size - info.offset_data)} present")
+                    break
+                members.append(TarMember(info.name, info.offset_data, info.size))
+    except (tarfile.TarError, OSError, EOFError) as exn:
+        error = f"{type(exn).__name__}: {exn}"
+    if error is None and not _has_end_marker(path):
+        error = "truncated tar (no end-of-archive marker)"
+    return members, error
+
+
+def group_members(members: list[TarMember]) -> list[TarSample]:
+    """Group members into samples as webdataset's ``group_by_keys`` does: consecutive members with
+    the same key form one sample; extensions are lower-cased; ``__*__`` members and names without
+    a dot are ignored. A repeated extension within a key starts a new sample (webdataset would stop
+    the shard there; ``mmgen data check`` reports it)."""
+    samples: list[TarSample] = []
+    current: TarSample | None = None
+    for m in members:
+        if _META.match(m.name) or (m.name.startswith("__") and m.name.endswith("__")):
+            continue
+        key, ext = split_member_name(m.name)
+        if key is None:
+            continue
+        ext = ext.lower()
+        if current is None or key != current.key or ext in current.members:
+            current = TarSample(key)
+            samples.append(current)
+        current.members[ext] = m
+    return samples
+
+
+class ShardFile:
+    """The samples of one shard: an index built from the tar headers, members read on demand, so
+    memory holds one sample at a time even for shards of large videos. Compressed tars cannot be
+    read at an offset and are read into memory whole (``read_shard``).
+
+    ``error`` is a one-line description of damage (the samples before it are usable) or None.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = None
+        self._raw: list[dict] | None = None
+        if path.endswith(".tar"):
+            members, self.error = scan_members(path)
+            self.samples = group_members(members)
+        else:
+            self._raw, self.error = read_shard(path)
+            self.samples = [TarSample(r["__key__"]) for r in self._raw]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> dict:
+        """Sample ``index`` as a webdataset sample: ``{"__key__", "__url__", ext: bytes}``.
+        Raises OSError if the file changed underneath (a short read)."""
+        if self._raw is not None:
+            return self._raw[index]
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        sample = self.samples[index]
+        raw: dict[str, Any] = {"__key__": sample.key, "__url__": self.path}
+        for ext, m in sample.members.items():
+            self._file.seek(m.offset)
+            data = self._file.read(m.size)
+            if len(data) != m.size:
+                raise OSError(f"short read of {m.name} in {self.path}")
+            raw[ext] = data
+        return raw
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

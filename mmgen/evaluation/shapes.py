@@ -36,7 +36,7 @@ from mmgen.data.shapes import (BACKGROUND, COLORS, POSITION_TO_CELL, SHAPES, SIZ
 FG_DISTANCE = 70.0            # RGB distance from the background that counts as foreground
 DOMINANT_FRACTION = 0.8       # the object's share of all foreground pixels
 MAX_EXTENT = 0.45             # of the side; a large shape is 0.31
-MAX_ASPECT = 2.0             # bounding-box aspect ratio (shapes are drawn 1:1; tiny ones pixelate)
+MAX_ASPECT = 2.0              # bounding-box aspect (shapes are 1:1; tiny ones pixelate)
 MAX_FIT_ERROR = 0.8           # L1 template misfit / area above which no shape is read
 ATTRIBUTES = ("color", "shape", "size", "position")
 

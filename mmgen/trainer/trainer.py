@@ -120,9 +120,21 @@ class Trainer:
         self.scheduler.load_state_dict(train_state["scheduler"])
         if "generator" in rank_state:
             self.generator.set_state(rank_state["generator"])
-        if "data" in rank_state:
-            self.loader.load_state_dict(rank_state["data"])
+        self.resume_data(path, rank_state.get("data"))
         log.info("resumed from %s at step %d", path, self.state.step)
+
+    def resume_data(self, path, data: dict | None) -> None:
+        """Exact per-rank resume; after a change of world size or worker count, every old
+        rank's cursor goes to the loader, which re-splits the unfinished part of the epoch."""
+        same_layout = (data is not None and data.get("world_size") == self.dist.world_size
+                       and data.get("num_workers") == self.job.data.num_workers)
+        if same_layout:
+            self.loader.load_state_dict(data)
+            return
+        states = self.ckpt.data_states(path)
+        if all(s is not None for s in states):
+            log.info("data layout changed (%d old ranks): re-splitting the remaining samples", len(states))
+            self.loader.load_state_dict({"ranks": states})
 
     # -- the loop -----------------------------------------------------------------------
     def train(self, stop_at: int | None = None) -> TrainState:
@@ -249,6 +261,7 @@ class Trainer:
         out = {"data/samples_read": s["samples_read"], "data/skipped_total": s["skipped_total"],
                "data/padding_fraction": s["padding_fraction"], "data/epoch": s["epoch"]}
         out.update({f"data/skipped/{k}": v for k, v in s["skipped"].items()})
+        out.update({f"data/{k}": v for k, v in s.items() if k.startswith("source/")})  # per-source mixing counters
         return out
 
     def perf_stats(self, window: dict) -> dict:
