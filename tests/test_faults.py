@@ -78,11 +78,15 @@ def rank_pids(parent: int) -> dict[int, int]:
 
 
 def test_sigkill_of_one_rank_then_restart_gives_the_same_final_weights(shapes_dir, tmp_path):
-    base = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+    """Rank 1 of 2 is SIGKILLed at a random step; the job fails, is resubmitted as it was, resumes
+    from the last complete checkpoint and ends with the same weights as an uninterrupted run.
+    (Resubmission rather than torchrun's in-place --max-restarts: with gloo on torch 2.13 the
+    restarted workers intermittently hang in the process group's connectFullMesh.)"""
+    base = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2",
             "-m", "mmgen.train", *TINY, *data_overrides(shapes_dir), "data.num_workers=0",
-            "trainer.steps=10", "checkpoint.every=2"]
-    clean = subprocess.run([*base, "name=clean"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+            "trainer.steps=10", "checkpoint.every=2", "parallel.timeout_minutes=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    clean = subprocess.run([*base, "name=clean"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert clean.returncode == 0, clean.stderr[-2000:]
     proc = popen([*base, "name=killed"], tmp_path)
     run = tmp_path / "runs" / "killed"
@@ -91,9 +95,11 @@ def test_sigkill_of_one_rank_then_restart_gives_the_same_final_weights(shapes_di
     victims = rank_pids(proc.pid)
     assert 1 in victims, victims
     os.kill(victims[1], signal.SIGKILL)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "resumed from" in err, "the restarted workers must resume from the last checkpoint"
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0, "the job must fail when a rank dies"
+    again = subprocess.run([*base, "name=killed"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr, "the resubmitted job must resume from the last checkpoint"
     a = torch.load(tmp_path / "runs" / "clean" / "checkpoints" / "step_0000010" / "model.pt")
     b = torch.load(run / "checkpoints" / "step_0000010" / "model.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed at step {kill_at}"
