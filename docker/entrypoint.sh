@@ -22,7 +22,10 @@ if [[ -z ${TORCHELASTIC_RUN_ID:-} && -z ${RANK:-} && -n ${SLURM_PROCID:-} && ${S
   export LOCAL_WORLD_SIZE=${tasks_per_node%%[(,]*}   # "4(x2)" -> 4
   if [[ -z ${MASTER_ADDR:-} ]]; then
     if command -v scontrol >/dev/null 2>&1; then
-      MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | { read -r h; printf '%s\n' "$h"; })
+      # whole output first: reading one line from a pipe can SIGPIPE scontrol, and pipefail +
+      # set -e would then end this script silently
+      hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+      MASTER_ADDR=${hosts%%$'\n'*}
     else
       MASTER_ADDR=$(first_host "${SLURM_JOB_NODELIST:-localhost}")
     fi
