@@ -109,15 +109,22 @@ def render(spec: ShapeSpec, image_size: int = 32,
     if rng is not None:
         jx, jy = rng.uniform(-1.0, 1.0, size=2) * JITTER_FRACTION * s
         cx, cy = cx + jx, cy + jy
-    half = SIZE_FRACTION[spec.size] * s / 2.0
+    return draw_shape(spec.shape, spec.color, spec.size, cx, cy, image_size)
+
+
+def draw_shape(shape: str, color: str, size: str, cx: float, cy: float, image_size: int) -> np.ndarray:
+    """One shape centred at (cx, cy) in supersampled pixels, drawn at ``SUPERSAMPLE`` x and
+    box-downsampled (anti-aliasing without a dependency); ``[S, S, 3]`` uint8."""
+    s = image_size * SUPERSAMPLE
+    half = SIZE_FRACTION[size] * s / 2.0
     img = Image.new("RGB", (s, s), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    fill = COLORS[spec.color]
+    fill = COLORS[color]
     # Pillow includes the end pixel of a box, hence the -1 on the far edges.
     box = [round(cx - half), round(cy - half), round(cx + half) - 1, round(cy + half) - 1]
-    if spec.shape == "circle":
+    if shape == "circle":
         draw.ellipse(box, fill=fill)
-    elif spec.shape == "square":
+    elif shape == "square":
         draw.rectangle(box, fill=fill)
     else:  # isosceles, apex up, base = height = the size
         draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)

@@ -17,10 +17,7 @@ import tarfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
-
-from mmgen.data.shapes import (BACKGROUND, COLORS, POSITIONS, SHAPES, SIZE_FRACTION, SIZES,
-                               SUPERSAMPLE)
+from mmgen.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, SUPERSAMPLE, draw_shape
 
 
 @dataclass(frozen=True)
@@ -61,18 +58,7 @@ def render_frame(spec: MotionSpec, u: float, image_size: int) -> np.ndarray:
     cell = s / 3.0
     cx = ((1 - u) * spec.col0 + u * spec.col1 + 0.5) * cell
     cy = ((1 - u) * spec.row0 + u * spec.row1 + 0.5) * cell
-    half = SIZE_FRACTION[spec.size] * s / 2.0
-    img = Image.new("RGB", (s, s), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    fill = COLORS[spec.color]
-    box = [round(cx - half), round(cy - half), round(cx + half) - 1, round(cy + half) - 1]
-    if spec.shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif spec.shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-    return np.array(img.resize((image_size, image_size), Image.Resampling.BOX), dtype=np.uint8)
+    return draw_shape(spec.shape, spec.color, spec.size, cx, cy, image_size)
 
 
 def render_clip(spec: MotionSpec, num_frames: int, image_size: int) -> np.ndarray:
