@@ -18,7 +18,7 @@ import json
 import os
 import tarfile
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -150,12 +150,23 @@ def make_sample(index: int, seed: int, image_size: int = 32) -> tuple[ShapeSpec,
     return spec, render(spec, image_size, rng)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed metadata so shards are byte-identical for a seed
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
+def write_sharded(out_dir: str, num_samples: int, samples_per_shard: int, prefix: str,
+                  members_of: Callable[[int, str], list[tuple[str, bytes]]]) -> list[str]:
+    """Write samples ``0..num_samples-1`` into ``{prefix}-NNNNNN.tar`` shards of
+    ``samples_per_shard``; ``members_of(i, key)`` gives sample ``i``'s (name, bytes) members,
+    written contiguously. Tar metadata is fixed, so shards are byte-identical for a seed."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for shard, start in enumerate(range(0, num_samples, samples_per_shard)):
+        path = os.path.join(out_dir, f"{prefix}-{shard:06d}.tar")
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(start, min(start + samples_per_shard, num_samples)):
+                for name, data in members_of(i, f"{i:09d}"):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
 
 
 def write_shards(out_dir: str, num_samples: int, samples_per_shard: int = 1000,
@@ -173,22 +184,15 @@ def write_shards(out_dir: str, num_samples: int, samples_per_shard: int = 1000,
     Returns:
         The shard paths, in order.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for shard, start in enumerate(range(0, num_samples, samples_per_shard)):
-        path = os.path.join(out_dir, f"{prefix}-{shard:06d}.tar")
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(start, min(start + samples_per_shard, num_samples)):
-                spec, img = make_sample(i, seed, image_size)
-                key = f"{i:09d}"
-                caption = spec.caption()
-                meta = {**spec.to_json(), "caption": caption, "image_size": image_size,
-                        "seed": seed, "index": i}
-                _add_member(tar, f"{key}.jpg", encode_jpeg(img))
-                _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
-                _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
-        paths.append(path)
-    return paths
+    def members(i: int, key: str) -> list[tuple[str, bytes]]:
+        spec, img = make_sample(i, seed, image_size)
+        caption = spec.caption()
+        meta = {**spec.to_json(), "caption": caption, "image_size": image_size,
+                "seed": seed, "index": i}
+        return [(f"{key}.jpg", encode_jpeg(img)), (f"{key}.txt", caption.encode("utf-8")),
+                (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))]
+
+    return write_sharded(out_dir, num_samples, samples_per_shard, prefix, members)
 
 
 def make_splits(out_dir: str, num_train: int, num_val: int, samples_per_shard: int = 1000,

@@ -8,14 +8,11 @@ null; an image entry names its member, ``"0.jpg"``), and the images are members
 """
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 
 import numpy as np
 
-from mmgen.data.shapes import encode_jpeg, render, sample_spec
+from mmgen.data.shapes import encode_jpeg, render, sample_spec, write_sharded
 
 OPENERS = ("Look at this picture.", "Here is an image.", "A drawing:", "Consider this.")
 
@@ -45,20 +42,10 @@ def write_document_shards(out_dir: str, num_docs: int, samples_per_shard: int = 
                           image_size: int = 32, seed: int = 0, max_images: int = 3,
                           prefix: str = "shapes-docs") -> list[str]:
     """Write ``num_docs`` interleaved documents as WebDataset tars; returns the shard paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for shard, start in enumerate(range(0, num_docs, samples_per_shard)):
-        path = os.path.join(out_dir, f"{prefix}-{shard:06d}.tar")
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(start, min(start + samples_per_shard, num_docs)):
-                texts, images, pixels = make_document(i, seed, image_size, max_images)
-                key = f"{i:09d}"
-                doc = {"texts": texts, "images": images, "seed": seed, "index": i}
-                members = [(f"{key}.json", json.dumps(doc).encode("utf-8"))]
-                members += [(f"{key}.{j}.jpg", encode_jpeg(p)) for j, p in enumerate(pixels)]
-                for name, data in members:
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(path)
-    return paths
+    def members(i: int, key: str) -> list[tuple[str, bytes]]:
+        texts, images, pixels = make_document(i, seed, image_size, max_images)
+        doc = {"texts": texts, "images": images, "seed": seed, "index": i}
+        return ([(f"{key}.json", json.dumps(doc).encode("utf-8"))]
+                + [(f"{key}.{j}.jpg", encode_jpeg(p)) for j, p in enumerate(pixels)])
+
+    return write_sharded(out_dir, num_docs, samples_per_shard, prefix, members)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from mmgen.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, SUPERSAMPLE, draw_shape
+from mmgen.data.shapes import (COLORS, POSITIONS, SHAPES, SIZES, SUPERSAMPLE, draw_shape,
+                               write_sharded)
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,6 @@ def make_clip(index: int, seed: int, image_size: int = 32, num_frames: int = 16
     return spec, render_clip(spec, num_frames, image_size)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_video_shards(out_dir: str, num_samples: int, samples_per_shard: int = 100,
                        image_size: int = 32, num_frames: int = 16, fps: int = 8, seed: int = 0,
                        prefix: str = "shapes-video") -> list[str]:
@@ -119,23 +113,16 @@ def write_video_shards(out_dir: str, num_samples: int, samples_per_shard: int = 
     """
     if image_size % 2:
         raise ValueError(f"image_size must be even for yuv420p video, got {image_size}")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for shard, start in enumerate(range(0, num_samples, samples_per_shard)):
-        path = os.path.join(out_dir, f"{prefix}-{shard:06d}.tar")
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(start, min(start + samples_per_shard, num_samples)):
-                spec, frames = make_clip(i, seed, image_size, num_frames)
-                key = f"{i:09d}"
-                caption = spec.caption()
-                meta = {**asdict(spec), "caption": caption, "fps": fps, "frames": num_frames,
-                        "duration": num_frames / fps, "image_size": image_size, "seed": seed,
-                        "index": i}
-                _add(tar, f"{key}.mp4", encode_mp4(frames, fps))
-                _add(tar, f"{key}.txt", caption.encode("utf-8"))
-                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
-        paths.append(path)
-    return paths
+    def members(i: int, key: str) -> list[tuple[str, bytes]]:
+        spec, frames = make_clip(i, seed, image_size, num_frames)
+        caption = spec.caption()
+        meta = {**asdict(spec), "caption": caption, "fps": fps, "frames": num_frames,
+                "duration": num_frames / fps, "image_size": image_size, "seed": seed,
+                "index": i}
+        return [(f"{key}.mp4", encode_mp4(frames, fps)), (f"{key}.txt", caption.encode("utf-8")),
+                (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))]
+
+    return write_sharded(out_dir, num_samples, samples_per_shard, prefix, members)
 
 
 def make_video_splits(out_dir: str, num_train: int, num_val: int, samples_per_shard: int = 100,
