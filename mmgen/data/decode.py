@@ -129,16 +129,11 @@ def _caption(raw: dict, info: dict | None) -> str | None:
     return None
 
 
-def decode_sample(raw: dict, image_size: int, want_info: bool = False) -> Sample | tuple[str, str]:
-    """One raw webdataset sample (``{"__key__", "__url__", ext: bytes}``) -> ``Sample``, or
-    ``(reason, detail)`` when it must be skipped. ``.json`` is parsed only when wanted or needed
-    as the caption source, so training does not pay for (or fail on) unused metadata."""
-    ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    if ext is None:
-        return MISSING_IMAGE, f"members: {sorted(k for k in raw if not k.startswith('__'))}"
+def _read_text(raw: dict, parse_json: bool) -> tuple[dict, str] | tuple[str, str]:
+    """(json info, caption) of a sample, or the ``(reason, detail)`` to skip it with."""
     info: dict = {}
     try:
-        if "json" in raw and (want_info or "txt" not in raw):
+        if "json" in raw and parse_json:
             info = json.loads(raw["json"])
             info = info if isinstance(info, dict) else {"value": info}
         caption = _caption(raw, info)
@@ -146,6 +141,20 @@ def decode_sample(raw: dict, image_size: int, want_info: bool = False) -> Sample
         return CORRUPT_TEXT, str(exn)
     if not caption:
         return MISSING_CAPTION, ""
+    return info, caption
+
+
+def decode_sample(raw: dict, image_size: int, want_info: bool = False) -> Sample | tuple[str, str]:
+    """One raw webdataset sample (``{"__key__", "__url__", ext: bytes}``) -> ``Sample``, or
+    ``(reason, detail)`` when it must be skipped. ``.json`` is parsed only when wanted or needed
+    as the caption source, so training does not pay for (or fail on) unused metadata."""
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        return MISSING_IMAGE, f"members: {sorted(k for k in raw if not k.startswith('__'))}"
+    text = _read_text(raw, parse_json=want_info or "txt" not in raw)
+    if isinstance(text[0], str):
+        return text
+    info, caption = text
     try:
         image = decode_image(raw[ext], image_size)
     except Exception as exn:  # PIL: OSError, SyntaxError, ValueError, DecompressionBomb...
@@ -253,16 +262,10 @@ def decode_video_sample(raw: dict, size: int, num_frames: int, fps: float, clip_
     ext = next((e for e in VIDEO_EXTS if e in raw), None)
     if ext is None:
         return MISSING_VIDEO, f"members: {sorted(k for k in raw if not k.startswith('__'))}"
-    info: dict = {}
-    try:
-        if "json" in raw:
-            info = json.loads(raw["json"])
-            info = info if isinstance(info, dict) else {"value": info}
-        caption = _caption(raw, info)
-    except (UnicodeDecodeError, ValueError) as exn:
-        return CORRUPT_TEXT, str(exn)
-    if not caption:
-        return MISSING_CAPTION, ""
+    text = _read_text(raw, parse_json=True)
+    if isinstance(text[0], str):
+        return text
+    info, caption = text
     key = raw["__key__"]
     try:
         frames, start, held = decode_video(raw[ext], size, num_frames, fps, clip_start, seed,
