@@ -4,8 +4,10 @@
 
 How resume stays exact (README.md, "Resume"):
 
-* A *logical worker* w in 0..W-1 (W = max(1, num_workers)) of rank r is reader
-  ``g = r + world_size * w`` of ``R = world_size * W``. For every source it reads a fixed
+* A *logical worker* w in 0..W-1 (W = max(1, num_workers)) of stream r is reader
+  ``g = r + world_size * w`` of ``R = world_size * W``. A stream is a rank's sequence of
+  micro-batches: with ``grad_accum`` A > 1 a rank reads A streams (``AccumLoader``), and
+  ``rank``/``world_size`` below mean the stream index and the number of streams. For every source it reads a fixed
   sub-stream: in each epoch the items ``epoch_items(shards, seed, epoch, g, R)``, each in its
   permuted sample order.
 * Its state is, per source, a cursor (epoch, item index, sample offset) of the first sample
@@ -55,7 +57,8 @@ class _Source:
 
 @dataclass
 class _Layout:
-    """Who reads: this rank, the number of ranks and of logical workers per rank."""
+    """Who reads: this stream (a rank's micro-batch sequence; = the rank unless grad_accum > 1),
+    the number of streams and of logical workers per stream."""
     rank: int
     world_size: int
     num_workers: int       # logical workers (>= 1)
@@ -394,6 +397,11 @@ class MultimodalLoader:
         if "ranks" in state:
             self._load_all_ranks(state["ranks"])
             return
+        if "streams" in state:
+            raise ValueError(
+                f"data: cannot resume: the state is from a rank that accumulated over "
+                f"{len(state['streams'])} streams (trainer.grad_accum); a layout change re-splits "
+                f"the stream and needs every old rank's state: load_state_dict({{'ranks': [...]}})")
         state = upgrade(state, self.sources[0].name)
         mine = self.state_dict()
         check_compatible(state, mine)
@@ -420,7 +428,9 @@ class MultimodalLoader:
         self._totals = Counter(state.get("totals", {}))
 
     def _load_all_ranks(self, states: list[dict]) -> None:
-        states = check_rank_set([upgrade(s, self.sources[0].name) for s in states])
+        # a rank that accumulated over several streams saved one state per stream
+        flat = [st for s in states for st in s.get("streams", [s])]
+        states = check_rank_set([upgrade(s, self.sources[0].name) for s in flat])
         mine = self.state_dict()
         for s in states:
             check_compatible(s, mine)
@@ -446,43 +456,111 @@ class MultimodalLoader:
         """Counters since the start of training (restored on resume): samples read and skipped
         (by reason) as of the consumed batches, documents and batches consumed, padding, and per
         source ``source/<name>/{documents,share,samples_read,skipped,epoch}``."""
-        skipped: Counter[str] = Counter()
-        per: dict[str, Counter] = {s.name: Counter() for s in self.sources}
-        epoch = 0
-        for w in self._workers:
-            for name, st in w["sources"].items():
-                c = st.get("counters", {})
-                skipped.update(c.get("skipped", {}))
-                if name in per:
-                    per[name]["samples_read"] += c.get("samples_read", 0)
-                    per[name]["skipped"] += sum(c.get("skipped", {}).values())
-                    per[name]["images_dropped"] += c.get("images_dropped", 0)
-                    per[name]["truncated"] += c.get("truncated", 0)
-                    per[name]["epoch"] = max(per[name]["epoch"], st["cursor"]["epoch"])
-                epoch = max(epoch, st["cursor"]["epoch"])
-        positions, docs = self._totals["positions"], self._totals["documents"]
-        out = {
-            "samples_read": sum(p["samples_read"] for p in per.values()),
-            "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
-            "batches": self._batches, "documents": docs,
-            "padding_fraction": self._totals["padding"] / positions if positions else 0.0,
-            "epoch": epoch,
-        }
-        for name, p in per.items():
-            n = self._totals[f"documents/{name}"]
-            out.update({f"source/{name}/documents": n,
-                        f"source/{name}/share": n / docs if docs else 0.0,
-                        f"source/{name}/samples_read": p["samples_read"],
-                        f"source/{name}/skipped": p["skipped"],
-                        f"source/{name}/epoch": p["epoch"]})
-            if p["images_dropped"] or p["truncated"]:
-                out[f"source/{name}/images_dropped"] = p["images_dropped"]
-                out[f"source/{name}/truncated"] = p["truncated"]
-        return out
+        return loader_stats(self.sources, self._workers, self._totals, self._batches)
+
+    def same_layout(self, state: dict | None) -> bool:
+        """Whether ``state`` (this rank's saved state) resumes exactly here, with no re-split."""
+        L = self.layout
+        return (state is not None and "streams" not in state
+                and (state.get("rank"), state.get("world_size"), state.get("num_workers"))
+                == (L.rank, L.world_size, L.num_workers))
+
+
+def loader_stats(sources: list[_Source], workers: list[dict], totals: Counter, batches: int
+                 ) -> dict:
+    """``MultimodalLoader.stats()`` over the logical workers ``workers`` (of one or more streams)."""
+    skipped: Counter[str] = Counter()
+    per: dict[str, Counter] = {s.name: Counter() for s in sources}
+    epoch = 0
+    for w in workers:
+        for name, st in w["sources"].items():
+            c = st.get("counters", {})
+            skipped.update(c.get("skipped", {}))
+            if name in per:
+                per[name]["samples_read"] += c.get("samples_read", 0)
+                per[name]["skipped"] += sum(c.get("skipped", {}).values())
+                per[name]["images_dropped"] += c.get("images_dropped", 0)
+                per[name]["truncated"] += c.get("truncated", 0)
+                per[name]["epoch"] = max(per[name]["epoch"], st["cursor"]["epoch"])
+            epoch = max(epoch, st["cursor"]["epoch"])
+    positions, docs = totals["positions"], totals["documents"]
+    out = {
+        "samples_read": sum(p["samples_read"] for p in per.values()),
+        "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
+        "batches": batches, "documents": docs,
+        "padding_fraction": totals["padding"] / positions if positions else 0.0,
+        "epoch": epoch,
+    }
+    for name, p in per.items():
+        n = totals[f"documents/{name}"]
+        out.update({f"source/{name}/documents": n,
+                    f"source/{name}/share": n / docs if docs else 0.0,
+                    f"source/{name}/samples_read": p["samples_read"],
+                    f"source/{name}/skipped": p["skipped"],
+                    f"source/{name}/epoch": p["epoch"]})
+        if p["images_dropped"] or p["truncated"]:
+            out[f"source/{name}/images_dropped"] = p["images_dropped"]
+            out[f"source/{name}/truncated"] = p["truncated"]
+    return out
+
+
+class AccumLoader:
+    """The loader of one rank when ``grad_accum`` > 1: micro-batch ``a`` of every optimizer step
+    comes from data stream ``a * world_size + rank`` of ``world_size * grad_accum`` streams, each
+    a ``MultimodalLoader`` of its own (README.md "Streams"). The streams depend only on the
+    global batch layout, so 1 rank x ``grad_accum`` N and N ranks x 1 train on the same global
+    batches. Each stream runs ``num_workers`` DataLoader workers of its own.
+    """
+
+    def __init__(self, loaders: list[MultimodalLoader], rank: int, world_size: int):
+        self.loaders, self.rank, self.world_size = loaders, rank, world_size
+        self.sources = loaders[0].sources
+        self._next = 0       # the stream whose batch is due next (0 at every step boundary)
+
+    def __iter__(self) -> Iterator[MultimodalBatch]:
+        iters = [iter(loader) for loader in self.loaders]
+        while True:
+            batch = next(iters[self._next])
+            self._next = (self._next + 1) % len(self.loaders)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                "grad_accum": len(self.loaders), "next": self._next,
+                "streams": [loader.state_dict() for loader in self.loaders]}
+
+    def same_layout(self, state: dict | None) -> bool:
+        streams = (state or {}).get("streams")
+        return (streams is not None and len(streams) == len(self.loaders)
+                and all(l.same_layout(s) for l, s in zip(self.loaders, streams)))
+
+    def load_state_dict(self, state: dict) -> None:
+        """This rank's own state (same layout), or ``{"ranks": [...]}``: every old rank's state,
+        from any layout (re-split per stream)."""
+        if "ranks" in state:
+            for loader in self.loaders:
+                loader.load_state_dict(state)
+            self._next = 0
+            return
+        if not self.same_layout(state):
+            raise ValueError(f"data: cannot resume: the state is not from {len(self.loaders)} "
+                             f"accumulation streams of rank {self.rank} of {self.world_size}; a "
+                             f"layout change needs every old rank's state: "
+                             f"load_state_dict({{'ranks': [...]}})")
+        for loader, st in zip(self.loaders, state["streams"]):
+            loader.load_state_dict(st)
+        self._next = int(state.get("next", 0))
+
+    def stats(self) -> dict:
+        totals: Counter[str] = Counter()
+        for loader in self.loaders:
+            totals.update(loader._totals)
+        return loader_stats(self.sources, [w for l in self.loaders for w in l._workers], totals,
+                            sum(l._batches for l in self.loaders))
 
 
 def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
-                     split: str = "train") -> MultimodalLoader:
+                     split: str = "train", grad_accum: int = 1) -> MultimodalLoader | AccumLoader:
     """The packed-batch loader of one rank.
 
     Args:
@@ -492,6 +570,9 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
         rank, world_size: this rank among the data-parallel ranks that read distinct data.
         split: "train" or "val" (each source's train or val shards; sources without val shards
             are left out of "val").
+        grad_accum: micro-batches per optimizer step on this rank. Above 1, micro-batch ``a``
+            of a step comes from stream ``a * world_size + rank`` (``AccumLoader``), so the
+            global batches depend on ``world_size * grad_accum`` only, not on how it is split.
     """
     cfg.validate()
     if split not in ("train", "val"):
@@ -510,13 +591,19 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
     weights = {s.name: all_weights[s.name] for s in sources}
     if not sum(weights.values()) > 0:
         raise ValueError(f"data: every source with {split} shards has weight 0")
-    layout = _Layout(rank, world_size, max(1, cfg.num_workers))
+    if grad_accum < 1:
+        raise ValueError(f"data: grad_accum must be >= 1, got {grad_accum}")
+    streams = world_size * grad_accum
+    workers = max(1, cfg.num_workers)
     for s in sources:
-        if len(s.shards) < layout.num_readers and rank == 0:
-            log.info("data: source %r has %d shards for %d readers (world_size %d x %d workers): "
+        if len(s.shards) < streams * workers and rank == 0:
+            log.info("data: source %r has %d shards for %d readers (%d streams x %d workers): "
                      "readers share shards, each taking every k-th sample", s.name,
-                     len(s.shards), layout.num_readers, world_size, layout.num_workers)
-    return MultimodalLoader(cfg, tokenizer, sources, weights, layout, split)
+                     len(s.shards), streams * workers, streams, workers)
+    loaders = [MultimodalLoader(cfg, tokenizer, sources, weights,
+                                _Layout(a * world_size + rank, streams, workers), split)
+               for a in range(grad_accum)]
+    return loaders[0] if grad_accum == 1 else AccumLoader(loaders, rank, world_size)
 
 
 # ----------------------------------------------------------------------------------------------

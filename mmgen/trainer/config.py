@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 class TrainerConfig:
     """Args:
         steps: optimizer steps in the run (the LR schedule spans them).
-        grad_accum: micro-batches per optimizer step, per rank.
+        grad_accum: micro-batches per optimizer step, per rank. Micro-batch ``a`` of rank ``r``
+            reads data stream ``a * world_size + r`` and draws its noise from (seed, step,
+            stream), so 1 GPU x grad_accum N trains on the same global batches as N GPUs.
         seed: seeds model init, objective noise and data order.
         device: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
@@ -24,6 +26,9 @@ class TrainerConfig:
         max_nonfinite_steps: consecutive steps with a non-finite loss that are skipped (no
             update, counted) before the run aborts with a clear message.
         preemption_signals: signals that mean "checkpoint and exit 3 to be requeued".
+        record_keys: write every consumed sample key to ``runs/<name>/data_keys/rank_N.jsonl``
+            (one line per micro-batch: step, stream, worker, [source, epoch, key] per
+            document): an audit trail of what each rank trained on.
     """
 
     steps: int = 1000
@@ -41,6 +46,7 @@ class TrainerConfig:
     eval_samples: int = 200
     max_nonfinite_steps: int = 5
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    record_keys: bool = False
 
     def validate(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import time
@@ -23,6 +25,13 @@ from mmgen.parallel.dist import DistInfo, all_reduce_sum
 from mmgen.trainer.signals import Preempted, PreemptionFlag
 
 log = logging.getLogger(__name__)
+
+
+def noise_seed(seed: int, step: int, stream: int) -> int:
+    """Seed of the objective's noise for micro-batch ``stream`` of optimizer step ``step``: a
+    function of the global batch position only (not of rank, world size or resume point)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,14 +99,25 @@ class Trainer:
     def build_objective(self) -> None:
         self.objective = build_objective(self.job.objective)
         # on the training device: drawing ~1M normals per step on the CPU and copying them
-        # cost ~10% of a 1b step on an H100
+        # cost ~10% of a 1b step on an H100. Re-seeded for every micro-batch from (seed, step,
+        # stream) (noise_seed), so it has no state to save and 1 GPU x grad_accum N draws the
+        # same noise as N GPUs.
         self.generator = torch.Generator(device=self.dist.device)
-        self.generator.manual_seed(self.job.trainer.seed * 1_000_003 + self.dist.rank)
 
     def build_data(self) -> None:
         self.loader = build_dataloader(self.job.data, self.tokenizer, self.dist.rank,
-                                       self.dist.world_size, split="train")
+                                       self.dist.world_size, split="train",
+                                       grad_accum=self.job.trainer.grad_accum)
         self.data_iter = None
+        self.key_log = None
+        if self.job.trainer.record_keys:
+            path = self.run_dir / "data_keys" / f"rank_{self.dist.rank:05d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.key_log = open(path, "a")
+
+    def stream(self, micro: int) -> int:
+        """The data stream of micro-batch ``micro`` of a step on this rank (AccumLoader)."""
+        return micro * self.dist.world_size + self.dist.rank
 
     def build_metrics(self) -> None:
         from mmgen.config import to_yaml
@@ -118,17 +138,13 @@ class Trainer:
         train_state, rank_state = self.ckpt.load(path, self.engine)
         self.state = train_state["state"]
         self.scheduler.load_state_dict(train_state["scheduler"])
-        if "generator" in rank_state:
-            self.generator.set_state(rank_state["generator"])
         self.resume_data(path, rank_state.get("data"))
         log.info("resumed from %s at step %d", path, self.state.step)
 
     def resume_data(self, path, data: dict | None) -> None:
         """Exact per-rank resume; after a change of world size or worker count, every old
         rank's cursor goes to the loader, which re-splits the unfinished part of the epoch."""
-        same_layout = (data is not None and data.get("world_size") == self.dist.world_size
-                       and data.get("num_workers") == self.job.data.num_workers)
-        if same_layout:
+        if self.loader.same_layout(data):
             self.loader.load_state_dict(data)
             return
         states = self.ckpt.data_states(path)
@@ -162,6 +178,8 @@ class Trainer:
         finally:
             self.preemption.restore()
             self.metrics.close()
+            if self.key_log is not None:
+                self.key_log.close()
         return self.state
 
     def after_step(self, stats: dict, end: int) -> bool:
@@ -196,12 +214,25 @@ class Trainer:
         t0 = time.perf_counter()
         dev = self.dist.device
         batches, counts, tokens = [], [], 0
-        for _ in range(self.job.trainer.grad_accum):
+        for i in range(self.job.trainer.grad_accum):
             b = next(self.data_iter)
+            if self.key_log is not None:
+                self.record_keys(i, b)
             counts.append(self.objective.local_counts(b))
             tokens += b.num_tokens()
             batches.append(b.to(dev, non_blocking=True))
         return (batches, counts, tokens), time.perf_counter() - t0
+
+    def record_keys(self, micro: int, batch) -> None:
+        """One JSON line per micro-batch: step, stream, logical worker, and (source, epoch, key)
+        of every document in it. After a resume, steps past the checkpoint may appear twice:
+        the later line is what was trained on."""
+        rec = {"step": self.state.step + 1, "stream": self.stream(micro),
+               "worker": batch.meta["data_state"]["worker"],
+               "docs": [[s, e, k] for s, e, k in zip(batch.meta["source"], batch.meta["epoch"],
+                                                     batch.meta["key"])]}
+        self.key_log.write(json.dumps(rec) + "\n")
+        self.key_log.flush()
 
     def autocast(self):
         prec = self.job.trainer.precision
@@ -219,6 +250,8 @@ class Trainer:
         weights = self.job.objective.weights
         loss_sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
+            self.generator.manual_seed(noise_seed(self.job.trainer.seed, self.state.step + 1,
+                                                  self.stream(i)))
             with self.engine.accumulate(i == len(batches) - 1):
                 with self.autocast():
                     losses = self.objective(self.engine.model, batch, denominators, self.generator)
@@ -287,7 +320,7 @@ class Trainer:
         if not self.job.checkpoint.enabled:
             return
         train_state = {"state": self.state, "scheduler": self.scheduler.state_dict()}
-        rank_state = {"generator": self.generator.get_state(), "data": self.loader.state_dict()}
+        rank_state = {"data": self.loader.state_dict()}
         path = self.ckpt.save(self.state.step, self.engine, train_state, rank_state)
         log.info("checkpoint %s", path)
 
