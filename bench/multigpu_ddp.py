@@ -1,0 +1,374 @@
+# DDP over several GPUs of one host: loss parity with 1 GPU, the data split, weak scaling.
+"""Three measurements in one call, each with its baseline measured in the same run:
+
+1. **parity**: the ``small`` flavor (``experiment=shapes_gpu``), same seed and global batch, on
+   1 GPU with ``trainer.grad_accum=N`` and on N GPUs (torchrun, NCCL). Micro-batch ``a`` of
+   rank ``r`` reads data stream ``a * N + r`` and draws noise from (seed, step, stream)
+   (mmgen/data/README.md "Streams"), so both runs train on the same batches with the same
+   noise and differ only in arithmetic order. Two more 1-GPU runs frame the comparison: a
+   repeat of the 1-GPU run (the GPU's own run-to-run spread) and a control with another data
+   order (what a real difference in training looks like).
+   Tolerance, from bf16: autocast rounds every matmul operand to 8 significant bits, so the
+   first effect of any fp32 difference (a different gradient summation order) is a flipped
+   rounding, one bf16 spacing ``2**-7`` relative, on some activations; a loss averaged over
+   tens of thousands of positions moves by far less unless the two trainings really diverge.
+   Pass: every step's loss agrees within ``2**-7`` relative (bf16); in fp32 (``--cpu``) within
+   ``1e-5``.
+2. **split**: N GPUs with ``trainer.record_keys=true`` over several epochs of a small shard
+   set: in every complete epoch the sample keys consumed by all ranks, streams and workers are
+   disjoint and their union is the whole training split. Then the same run is preempted
+   (SIGTERM to every rank, as Slurm's ``--signal`` does) and resumed: the keys of every
+   (step, stream) and the losses equal the uninterrupted run's.
+3. **scaling**: the ``1b`` flavor (``experiment=gpu_1b``: seq 2048 x 4 rows per GPU, bf16,
+   FlexAttention, compiled blocks) on 1, 2, 4, ... N GPUs with a fixed micro-batch per GPU:
+   non-padding tokens/s (all GPUs and per GPU), MFU, data-wait fraction, peak memory, and the
+   scaling efficiency against 1 GPU (medians of the records after ``--warmup`` steps).
+
+Usage:
+    python bench/multigpu_ddp.py --out bench/results/multigpu_ddp_h200x2.json   # all GPUs
+    python bench/multigpu_ddp.py --cpu            # 2 CPU processes, gloo, debug flavor, fp32
+Exits 1 when a parity or split check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BF16_SPACING = 2.0 ** -7     # relative spacing of bf16 numbers (8 significant bits)
+FP32_TOLERANCE = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# running mmgen-train
+# ---------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.a = args
+        self.work = Path(args.work).resolve()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+        if args.cpu:
+            self.env["OMP_NUM_THREADS"] = "1"
+
+    def command(self, nproc: int, name: str, overrides: list[str]) -> list[str]:
+        head = [sys.executable, "-m", "mmgen.train"]
+        if nproc > 1:
+            head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={nproc}", "-m", "mmgen.train"]
+        return [*head, f"name={name}", "metrics.progress=false", *overrides]
+
+    def train(self, nproc: int, name: str, overrides: list[str], check: bool = True
+              ) -> subprocess.CompletedProcess:
+        t0 = time.time()
+        r = subprocess.run(self.command(nproc, name, overrides), cwd=self.work, env=self.env,
+                           capture_output=True, text=True, timeout=self.a.timeout)
+        print(f"  {name}: {nproc} process(es), exit {r.returncode}, {time.time() - t0:.0f} s",
+              flush=True)
+        if check and r.returncode:
+            raise RuntimeError(f"{name} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
+        return r
+
+    def preempted(self, nproc: int, name: str, overrides: list[str], at_step: int) -> int:
+        """Start a run, SIGTERM every rank once ``at_step`` is logged; the step it stopped at."""
+        proc = subprocess.Popen(self.command(nproc, name, overrides), cwd=self.work, env=self.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        run = self.run_dir(name)
+        t0 = time.time()
+        while last_step(run) < at_step:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} ended before the preemption:\n{proc.stderr.read()[-4000:]}")
+            if time.time() - t0 > self.a.timeout:
+                proc.kill()
+                raise RuntimeError(f"{name} made no progress")
+            time.sleep(0.2)
+        pids = worker_pids(proc.pid) if nproc > 1 else [proc.pid]
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=self.a.timeout)
+        stopped = last_step(run)
+        print(f"  {name}: preempted at step {stopped} (exit {proc.returncode})", flush=True)
+        if not (self.run_dir(name) / "checkpoints" / f"step_{stopped:07d}" / "meta.json").is_file():
+            raise RuntimeError(f"{name}: no checkpoint at the preemption step {stopped}:\n{err[-3000:]}")
+        return stopped
+
+    def run_dir(self, name: str) -> Path:
+        return self.work / "runs" / name
+
+    def make_data(self, name: str, train: int, per_shard: int, image_size: int) -> Path:
+        out = self.work / "data" / name
+        if not (out / "val").is_dir():
+            subprocess.run([sys.executable, "-m", "mmgen.cli.main", "data", "make-shapes",
+                            "--out", str(out), "--train", str(train), "--val", "64",
+                            "--image-size", str(image_size), "--per-shard", str(per_shard)],
+                           check=True, env=self.env, capture_output=True)
+        return out
+
+
+def last_step(run: Path) -> int:
+    f = run / "metrics.jsonl"
+    lines = f.read_text().splitlines() if f.is_file() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The processes torchrun started (they carry RANK in their environment)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"RANK=" in env:
+            out.append(int(pid))
+    return out
+
+
+def records(run: Path) -> dict[int, dict]:
+    """step -> metrics record (the later line wins: a resume may log a step twice)."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec
+    return out
+
+
+def key_records(run: Path) -> dict[tuple[int, int], list]:
+    """(step, stream) -> [[source, epoch, key], ...] plus the reader, later lines winning."""
+    out = {}
+    for f in sorted((run / "data_keys").glob("rank_*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            out[rec["step"], rec["stream"]] = {"worker": rec["worker"], "docs": rec["docs"]}
+    return out
+
+
+def shard_keys(train_dir: Path) -> set[str]:
+    keys = set()
+    for shard in sorted(train_dir.glob("*.tar")):
+        with tarfile.open(shard) as t:
+            keys.update(m.name.split(".", 1)[0] for m in t.getmembers() if m.isfile())
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# the three parts
+# ---------------------------------------------------------------------------------------------
+
+def curve_diff(a: dict[int, dict], b: dict[int, dict], key: str = "loss/total") -> dict:
+    steps = sorted(set(a) & set(b))
+    rel = [abs(a[s][key] - b[s][key]) / abs(a[s][key]) for s in steps]
+    tail = steps[-20:]
+    mean_a = statistics.fmean(a[s][key] for s in tail)
+    mean_b = statistics.fmean(b[s][key] for s in tail)
+    worst = max(range(len(steps)), key=rel.__getitem__)
+    return {"steps": len(steps), "step1_rel": rel[0], "max_rel": rel[worst],
+            "max_rel_step": steps[worst], "mean_rel": statistics.fmean(rel),
+            "last20_mean_rel": abs(mean_a - mean_b) / abs(mean_a),
+            "final_loss_a": a[steps[-1]][key], "final_loss_b": b[steps[-1]][key]}
+
+
+def parity(b: Bench, n: int, common: list[str], steps: int, tolerance: float) -> dict:
+    print(f"parity: {steps} steps, 1 process x grad_accum {n} vs {n} processes", flush=True)
+    base = [*common, f"trainer.steps={steps}", "trainer.log_every=1", "checkpoint.enabled=false"]
+    b.train(1, "parity_1x", [*base, f"trainer.grad_accum={n}"])
+    b.train(n, f"parity_{n}x", base)
+    b.train(1, "parity_1x_repeat", [*base, f"trainer.grad_accum={n}"])
+    b.train(1, "parity_1x_other_data", [*base, f"trainer.grad_accum={n}", "data.seed=1"])
+    one = records(b.run_dir("parity_1x"))
+    out = {"gpus": n, "steps": steps, "tolerance_rel": tolerance,
+           "n_vs_1": curve_diff(one, records(b.run_dir(f"parity_{n}x"))),
+           "repeat_vs_1": curve_diff(one, records(b.run_dir("parity_1x_repeat"))),
+           "other_data_vs_1": curve_diff(one, records(b.run_dir("parity_1x_other_data")))}
+    out["grad_norm_n_vs_1"] = curve_diff(one, records(b.run_dir(f"parity_{n}x")), "optim/grad_norm")
+    out["pass"] = out["n_vs_1"]["steps"] == steps and out["n_vs_1"]["max_rel"] <= tolerance
+    return out
+
+
+def epoch_check(keys: dict, all_keys: set[str]) -> dict:
+    """Per epoch: keys consumed, duplicates, missing; complete epochs must be exact partitions."""
+    by_epoch: dict[int, Counter] = defaultdict(Counter)
+    readers: dict[int, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for (step, stream), rec in keys.items():
+        for source, epoch, key in rec["docs"]:
+            by_epoch[epoch][key] += 1
+            readers[epoch][key].add((stream, rec["worker"]))
+    last = max(by_epoch)
+    out = []
+    for e in sorted(by_epoch):
+        c = by_epoch[e]
+        out.append({"epoch": e, "complete": e < last - 1, "keys": len(c),
+                    "duplicates": sum(v - 1 for v in c.values()),
+                    "readers": len({r for rs in readers[e].values() for r in rs}),
+                    "missing": len(all_keys - set(c)), "unknown": len(set(c) - all_keys)})
+    return {"epochs": out,
+            "pass": sum(x["complete"] for x in out) >= 1 and all(
+                x["duplicates"] == 0 and x["missing"] == 0 and x["unknown"] == 0
+                for x in out if x["complete"]) and all(x["duplicates"] == 0 for x in out)}
+
+
+def split(b: Bench, n: int, common: list[str], steps: int) -> dict:
+    print(f"split: {steps} steps on {n} processes, then preempted + resumed", flush=True)
+    data = b.make_data("split", train=b.a.split_samples, per_shard=b.a.split_samples // 16,
+                       image_size=32)
+    base = [*common, f"data.train_shards={data}/train", f"data.val_shards={data}/val",
+            f"trainer.steps={steps}", "trainer.log_every=1", "trainer.record_keys=true",
+            "checkpoint.every=100000"]
+    b.train(n, "split_straight", base)
+    straight = key_records(b.run_dir("split_straight"))
+    check = epoch_check(straight, shard_keys(data / "train"))
+    stopped = b.preempted(n, "split_resumed", base, at_step=steps // 3)
+    r = b.train(n, "split_resumed", base)
+    resumed = key_records(b.run_dir("split_resumed"))
+    a, c = records(b.run_dir("split_straight")), records(b.run_dir("split_resumed"))
+    loss_diff = max(abs(a[s]["loss/total"] - c[s]["loss/total"]) for s in a)
+    same_keys = resumed == straight
+    out = {"gpus": n, "steps": steps, "samples": b.a.split_samples, **check,
+           "preempted_at": stopped, "resumed": "resumed from" in r.stderr,
+           "resume_same_keys": same_keys, "resume_max_loss_diff": loss_diff,
+           "resume_same_steps": sorted(a) == sorted(c)}
+    out["pass"] = check["pass"] and same_keys and out["resumed"] and out["resume_same_steps"]
+    return out
+
+
+def scaling(b: Bench, sizes: list[int], common: list[str], steps: int, warmup: int) -> dict:
+    print(f"scaling: {steps} steps on {sizes} processes", flush=True)
+    rows = []
+    for n in sizes:
+        name = f"scaling_{n}"
+        b.train(n, name, [*common, f"trainer.steps={steps}", "trainer.log_every=1",
+                          "checkpoint.enabled=false"])
+        recs = [r for s, r in sorted(records(b.run_dir(name)).items()) if s > warmup]
+        med = lambda k: statistics.median(r[k] for r in recs) if k in recs[0] else None
+        tps = med("perf/tokens_per_s")
+        rows.append({"gpus": n, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / n,
+                     "mfu": med("perf/mfu"), "data_wait_frac": med("perf/data_wait_frac"),
+                     "step_s": med("perf/step_s"),
+                     "max_mem_gib": max((r.get("perf/max_mem_gib", 0.0) for r in recs),
+                                        default=None),
+                     "padding_fraction": recs[-1].get("data/padding_fraction"),
+                     "final_loss": recs[-1]["loss/total"]})
+    for row in rows:
+        row["efficiency"] = row["tokens_per_s_per_gpu"] / rows[0]["tokens_per_s_per_gpu"]
+    return {"steps": steps, "warmup": warmup, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+
+def print_tables(res: dict) -> None:
+    if "parity" in res:
+        p = res["parity"]
+        print(f"\nparity ({p['steps']} steps; per-step relative loss difference to "
+              f"1 GPU x grad_accum {p['gpus']}, tolerance {p['tolerance_rel']:.2e})")
+        print(f"{'run':28s}{'step 1':>10s}{'max':>10s}{'mean':>10s}{'last 20':>10s}")
+        for k, label in (("n_vs_1", f"{p['gpus']} GPUs"), ("repeat_vs_1", "1 GPU, repeated"),
+                         ("other_data_vs_1", "1 GPU, other data order")):
+            d = p[k]
+            print(f"{label:28s}{d['step1_rel']:10.2e}{d['max_rel']:10.2e}{d['mean_rel']:10.2e}"
+                  f"{d['last20_mean_rel']:10.2e}")
+        print(f"parity: {'PASS' if p['pass'] else 'FAIL'}")
+    if "split" in res:
+        s = res["split"]
+        print(f"\ndata split ({s['gpus']} ranks, {s['samples']} samples, {s['steps']} steps)")
+        print(f"{'epoch':>6s}{'complete':>10s}{'keys':>8s}{'dupl.':>7s}{'missing':>9s}{'readers':>9s}")
+        for e in s["epochs"]:
+            print(f"{e['epoch']:6d}{str(e['complete']):>10s}{e['keys']:8d}{e['duplicates']:7d}"
+                  f"{e['missing']:9d}{e['readers']:9d}")
+        print(f"preempted at step {s['preempted_at']}, resumed: keys identical "
+              f"{s['resume_same_keys']}, max |loss diff| {s['resume_max_loss_diff']:.3g}")
+        print(f"split: {'PASS' if s['pass'] else 'FAIL'}")
+    if "scaling" in res:
+        print(f"\nweak scaling (medians after step {res['scaling']['warmup']})")
+        print(f"{'GPUs':>5s}{'tok/s':>11s}{'tok/s/GPU':>11s}{'eff.':>7s}{'MFU':>7s}{'wait':>7s}"
+              f"{'GiB':>7s}")
+        for r in res["scaling"]["rows"]:
+            mfu = f"{r['mfu']:7.3f}" if r["mfu"] is not None else f"{'-':>7s}"
+            mem = f"{r['max_mem_gib']:7.1f}" if r["max_mem_gib"] else f"{'-':>7s}"
+            print(f"{r['gpus']:5d}{r['tokens_per_s']:11.0f}{r['tokens_per_s_per_gpu']:11.0f}"
+                  f"{r['efficiency']:7.3f}{mfu}{r['data_wait_frac']:7.3f}{mem}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gpus", type=int, default=0, help="N (default: every visible GPU)")
+    p.add_argument("--cpu", action="store_true",
+                   help="2 CPU processes with gloo, debug flavor, fp32 (checks the script)")
+    p.add_argument("--parts", default="parity,split,scaling")
+    p.add_argument("--parity-steps", type=int, default=200)
+    p.add_argument("--split-steps", type=int, default=30)
+    p.add_argument("--split-samples", type=int, default=0,
+                   help="training samples of the split part (default 1024; 64 with --cpu)")
+    p.add_argument("--scaling-steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10, help="scaling records excluded (compile)")
+    p.add_argument("--work", default="runs/bench_multigpu", help="runs and data go here")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per training run")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    parts = [x for x in a.parts.split(",") if x]
+    unknown = set(parts) - {"parity", "split", "scaling"}
+    if unknown:
+        p.error(f"unknown part(s) {sorted(unknown)}")
+    if a.cpu:
+        n = a.gpus or 2
+        device = ["trainer.device=cpu", "trainer.precision=fp32", "parallel.dist_backend=gloo",
+                  "trainer.num_threads=1"]
+        small = ["experiment=smoke", "data.batch_size=4", "data.num_workers=1",
+                 "optim.warmup_steps=2", *device]
+        big = small
+        tolerance = FP32_TOLERANCE
+        what = f"{n} CPU processes (gloo)"
+    else:
+        import torch
+
+        n = a.gpus or torch.cuda.device_count()
+        if n < 1:
+            sys.exit("multigpu_ddp: no GPU visible (use --cpu to check the script on CPUs)")
+        small = ["experiment=shapes_gpu", "optim.warmup_steps=20", "trainer.max_minutes=0"]
+        big = ["experiment=gpu_1b"]
+        tolerance = BF16_SPACING
+        what = f"{n} x {torch.cuda.get_device_name(0)}"
+    a.split_samples = a.split_samples or (64 if a.cpu else 1024)
+    b = Bench(a)
+    shutil.rmtree(b.work / "runs", ignore_errors=True)   # runs of an earlier call would resume
+    print(f"multigpu_ddp on {what}", flush=True)
+    res: dict = {"device": what, "gpus": n, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    shapes = b.make_data("shapes32", train=4096, per_shard=256, image_size=32)
+    data32 = [f"data.train_shards={shapes}/train", f"data.val_shards={shapes}/val"]
+    if "parity" in parts and n > 1:
+        res["parity"] = parity(b, n, [*small, *data32], a.parity_steps, tolerance)
+    if "split" in parts:
+        res["split"] = split(b, n, small, a.split_steps)
+    if "scaling" in parts:
+        sizes = [k for k in (1, 2, 4, 8, 16) if k <= n]
+        data = data32
+        if not a.cpu:
+            d = b.make_data("shapes128", train=4096, per_shard=128, image_size=128)
+            data = [f"data.train_shards={d}/train", f"data.val_shards={d}/val"]
+        res["scaling"] = scaling(b, sizes, [*big, *data], a.scaling_steps, a.warmup)
+    print_tables(res)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        print(f"wrote {a.out}")
+    failed = [k for k in ("parity", "split") if k in res and not res[k]["pass"]]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
