@@ -70,8 +70,9 @@ class SpanTable:
         return SpanTable(z, z, z, torch.zeros(0, 3, dtype=torch.long), z,
                          torch.zeros(0, dtype=torch.bool), z)
 
-    def to(self, device) -> "SpanTable":
-        return SpanTable(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+    def to(self, device, non_blocking: bool = False) -> "SpanTable":
+        return SpanTable(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                            for f in dataclasses.fields(self)})
 
 
 @dataclass
@@ -118,7 +119,7 @@ class MultimodalBatch:
             tokens=mv(self.tokens), targets=mv(self.targets), positions=mv(self.positions),
             modality=mv(self.modality), document_ids=mv(self.document_ids),
             span_ids=mv(self.span_ids), coords=mv(self.coords), patches=mv(self.patches),
-            spans=self.spans.to(device),
+            spans=self.spans.to(device, non_blocking=non_blocking),
             loss_masks={k: mv(v) for k, v in self.loss_masks.items()}, meta=self.meta)
 
     def pin_memory(self) -> "MultimodalBatch":

@@ -57,6 +57,7 @@ class DataConfig:
     shuffle_samples: bool = True
     tokenizer: str = "bytes"
     prefetch_factor: int = 2        # batches prefetched per worker (num_workers > 0 only)
+    pin_memory: bool = True         # page-locked batches (async host-to-GPU copy); CUDA only
     # -- several sources (empty: one pair source `name` from train_shards / val_shards) ------
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)    # source -> weight; {} = equal

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmgen.data import decode as dec
@@ -339,11 +340,12 @@ class MultimodalLoader:
             yield batch
 
     def _dataloader(self):
+        pin = self.cfg.pin_memory and torch.cuda.is_available()
         if self.cfg.num_workers == 0:
-            return iter(self.dataset)
+            return (b.pin_memory() for b in self.dataset) if pin else iter(self.dataset)
         return iter(DataLoader(self.dataset, batch_size=None, collate_fn=collate,
                                num_workers=self.cfg.num_workers,
-                               prefetch_factor=self.cfg.prefetch_factor,
+                               prefetch_factor=self.cfg.prefetch_factor, pin_memory=pin,
                                multiprocessing_context=self._worker_context()))
 
     def _worker_context(self):

@@ -26,6 +26,9 @@ class TrainerConfig:
         max_nonfinite_steps: consecutive steps with a non-finite loss that are skipped (no
             update, counted) before the run aborts with a clear message.
         preemption_signals: signals that mean "checkpoint and exit 3 to be requeued".
+        deterministic: deterministic GPU kernels (``torch.use_deterministic_algorithms``,
+            ``CUBLAS_WORKSPACE_CONFIG``, no cuDNN autotuning), so a rerun on the same GPUs gives
+            the same numbers; slower. For debugging and parity checks.
         record_keys: write every consumed sample key to ``runs/<name>/data_keys/rank_N.jsonl``
             (one line per micro-batch: step, stream, worker, [source, epoch, key] per
             document): an audit trail of what each rank trained on.
@@ -46,6 +49,7 @@ class TrainerConfig:
     eval_samples: int = 200
     max_nonfinite_steps: int = 5
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    deterministic: bool = False
     record_keys: bool = False
 
     def validate(self) -> None:

@@ -69,7 +69,17 @@ def is_collective_failure(e: BaseException) -> bool:
                                                                        "connection closed", "connection reset"))
 
 
+def make_deterministic() -> None:
+    """Deterministic kernels (trainer.deterministic); before the first CUDA call, because cuBLAS
+    reads its workspace setting when its handle is created."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def run_training(job: JobConfig, argv: list[str]) -> None:
+    if job.trainer.deterministic:
+        make_deterministic()
     dist = init_distributed(job.trainer.device, job.parallel.dist_backend, job.parallel.timeout_minutes)
     run_dir = Path(job.run_dir)
     setup_logging(dist.rank, run_dir)
