@@ -82,6 +82,29 @@ class Bench:
             raise RuntimeError(f"{name} failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
         return r
 
+    def train_single_concurrently(self, jobs: list[tuple[str, list[str]]], gpus: int) -> None:
+        """One-process runs, up to ``gpus`` at a time, each on its own GPU (independent runs:
+        only their losses are compared, not their speed). Sequential on CPU."""
+        if self.a.cpu or gpus < 2:
+            for name, overrides in jobs:
+                self.train(1, name, overrides)
+            return
+        pending = list(jobs)
+        while pending:
+            batch, pending = pending[:gpus], pending[gpus:]
+            t0, procs = time.time(), []
+            for gpu, (name, overrides) in enumerate(batch):
+                env = {**self.env, "CUDA_VISIBLE_DEVICES": str(gpu)}
+                procs.append((name, subprocess.Popen(
+                    self.command(1, name, overrides), cwd=self.work, env=env,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+            for name, proc in procs:
+                _, err = proc.communicate(timeout=self.a.timeout)
+                print(f"  {name}: 1 process, exit {proc.returncode}, {time.time() - t0:.0f} s "
+                      f"({len(batch)} side by side)", flush=True)
+                if proc.returncode:
+                    raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n{err[-4000:]}")
+
     def preempted(self, nproc: int, name: str, overrides: list[str], at_step: int) -> int:
         """Start a run, SIGTERM every rank once ``at_step`` is logged; the step it stopped at."""
         proc = subprocess.Popen(self.command(nproc, name, overrides), cwd=self.work, env=self.env,
@@ -209,8 +232,11 @@ def parity(b: Bench, n: int, common: list[str], steps: int, floor: float) -> dic
             "1x_nondet": (1, one), "1x_nondet_repeat": (1, one)}
     if n > 1:
         runs[f"{n}x"] = (n, det)
+    b.train_single_concurrently([(f"parity_{k}", [*base, *o]) for k, (m, o) in runs.items()
+                                 if m == 1], n)
     for k, (m, o) in runs.items():
-        b.train(m, f"parity_{k}", [*base, *o])
+        if m > 1:
+            b.train(m, f"parity_{k}", [*base, *o])
     curves = {k: records(b.run_dir(f"parity_{k}")) for k in runs}
     loss = {k: [c[s]["loss/total"] for s in sorted(c)] for k, c in curves.items()}
     calibration = block_diffs(loss["1x_nondet"], loss["1x_nondet_repeat"])
