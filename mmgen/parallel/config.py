@@ -24,6 +24,8 @@ class ParallelConfig:
         timeout_minutes: collective timeout; a hung collective becomes an error after it.
         find_unused_parameters: DDP option, for models with parameters a step may skip.
         bucket_cap_mb: DDP gradient bucket size.
+        gradient_as_bucket_view: DDP: gradients are views into the all-reduce buckets instead
+            of separate tensors (saves one gradient copy: 4.8 GB for the 1b flavor in fp32).
         activation_checkpointing: recompute each transformer block in the backward instead of
             keeping its activations: ``none``, ``torch`` (torch.utils.checkpoint, any backend)
             or ``deepspeed`` (deepspeed.checkpointing, ZeRO backends only).
@@ -52,6 +54,7 @@ class ParallelConfig:
     timeout_minutes: float = 10.0
     find_unused_parameters: bool = False
     bucket_cap_mb: int = 25
+    gradient_as_bucket_view: bool = True
     activation_checkpointing: str = "none"
     offload: str = "none"
     offload_params: bool = False

@@ -22,7 +22,8 @@ class DDPEngine(Engine):
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             self.model = DistributedDataParallel(
                 module, device_ids=ids, bucket_cap_mb=cfg.bucket_cap_mb,
-                find_unused_parameters=cfg.find_unused_parameters)
+                find_unused_parameters=cfg.find_unused_parameters,
+                gradient_as_bucket_view=cfg.gradient_as_bucket_view)
         else:
             self.model = module
         self.optimizer = build_optimizer(optim, module)
