@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from mmgen.models.config import ModelConfig
+from mmgen.models.kv_cache import KVCache
 from mmgen.models.transformer import UnifiedTransformer
 
 FLAVORS: dict[str, ModelConfig] = {
@@ -64,5 +65,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
-__all__ = ["FLAVORS", "ModelConfig", "UnifiedTransformer", "build_model", "flavor",
+__all__ = ["FLAVORS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model", "flavor",
            "flops_per_token", "num_params"]

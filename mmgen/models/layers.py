@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmgen.models.attention import AttentionMask, attend
+from mmgen.models.kv_cache import LayerKV
 
 
 def _trunc_normal(weight: torch.Tensor, std: float) -> None:
@@ -66,7 +67,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: AttentionMask) -> torch.Tensor:
+                mask: AttentionMask, kv: LayerKV | None = None) -> torch.Tensor:
+        """``x`` ``[B, L, dim]``. With ``kv`` (incremental decoding), this call's keys/values
+        are appended to the layer's cache and the queries attend over the whole cached
+        history; ``mask`` then has one column per cached slot (``[B, 1, L, slots]``)."""
         b, length, _ = x.shape
         q = self.wq(x).view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -74,6 +78,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv is not None:
+            k, v = kv.update(k, v)       # cached before the GQA expansion (inside attend)
         out = attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(b, length, -1))
 

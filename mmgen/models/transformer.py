@@ -4,6 +4,9 @@
 Blocks live in ``self.layers`` (an ``nn.ModuleList``) so backends can wrap each one for
 activation checkpointing, FSDP or compile. Build on the meta device, parallelize, then
 ``to_empty`` + :meth:`UnifiedTransformer.init_weights` (see :func:`mmgen.models.build_model`).
+For inference, :meth:`UnifiedTransformer.prefill` runs a prompt once and
+:meth:`UnifiedTransformer.decode_step` continues it token by token from a KV cache
+(``mmgen/models/kv_cache.py``); :meth:`UnifiedTransformer.forward` never uses one.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from mmgen.data.batch import IGNORE_INDEX, MultimodalBatch
 from mmgen.models.attention import AttentionMask, build_mask, resolve_backend
 from mmgen.models.config import ModelConfig
+from mmgen.models.kv_cache import KVCache, LayerKV, last_positions
 from mmgen.models.layers import (Attention, RMSNorm, SwiGLU, TimestepEmbedding, _trunc_normal,
                                  rope_cos_sin)
 
@@ -31,8 +35,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: AttentionMask) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, mask)
+                mask: AttentionMask, kv: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, mask, kv)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -166,3 +170,63 @@ class UnifiedTransformer(nn.Module):
         text_logits = self.text_head(h[batch.targets != IGNORE_INDEX])
         visual = self.visual_out(h[batch.continuous_mask()])
         return {"text_logits": text_logits, "visual": visual}
+
+    # ------------------------------------------------------------ incremental decoding
+
+    def prefill(self, batch: MultimodalBatch, visual_in: torch.Tensor | None = None,
+                span_t: torch.Tensor | None = None, mask: AttentionMask | None = None,
+                max_new_tokens: int = 64) -> tuple[torch.Tensor, KVCache]:
+        """Run a prompt batch once, keeping every layer's keys/values for :meth:`decode_step`.
+
+        The prompt goes through the normal hybrid mask (bidirectional inside its visual spans),
+        so its states equal those of :meth:`forward` on any longer sequence that starts with
+        it. Decoding continues the last document of each row; rows may have different
+        lengths (right padding), and padding or other packed documents are never attended.
+        ``batch.targets`` is not read. Meant for inference (under ``torch.no_grad``).
+
+        Args:
+            batch, visual_in, span_t, mask: as in :meth:`forward`.
+            max_new_tokens: how many tokens :meth:`decode_step` may append (cache capacity).
+
+        Returns:
+            ``[B, vocab]`` text logits at each row's last position (they pick the first new
+            token), and the cache.
+        """
+        if visual_in is None:
+            visual_in = batch.patches
+        if span_t is None:
+            span_t = torch.zeros(len(batch.spans), device=batch.tokens.device)
+        if mask is None:
+            mask = self.build_mask(batch)
+        cache = KVCache.for_prefix(len(self.layers), batch.document_ids, batch.positions,
+                                   max_new_tokens)
+        x = self.embed(batch, visual_in, span_t)
+        rope = rope_cos_sin(batch.positions, self.cfg.head_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache.layer(i))
+        cache.prefilled(batch.shape[1])
+        last = last_positions(batch.document_ids)
+        h = self.norm(x[torch.arange(x.shape[0], device=x.device), last])
+        return self.text_head(h), cache
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append text ``tokens`` (``[B]`` or ``[B, n]``) to every row of ``cache`` and return
+        their text logits (``[B, vocab]`` or ``[B, n, vocab]``).
+
+        Each new token attends to its row's valid cached slots and, causally, to the new
+        tokens before it: the same as :meth:`forward` on the whole sequence. Text only (no
+        visual positions). Attention is SDPA with a boolean mask on every device.
+        """
+        single = tokens.dim() == 1
+        if single:
+            tokens = tokens[:, None]
+        n = tokens.shape[1]
+        positions = cache.next_positions[:, None] + torch.arange(n, device=tokens.device)
+        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        mask = cache.decode_mask(n)
+        x = self.tok_embeddings(tokens)     # text positions: no patch or visual position code
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache.layer(i))
+        cache.advance(n)
+        logits = self.text_head(self.norm(x))
+        return logits[:, 0] if single else logits

@@ -24,31 +24,62 @@ def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.
                       patch_size: int, cfg: SamplerConfig, device: torch.device | str) -> list[str]:
     """Greedy captions for ``images`` (``[n, 3, H, W]`` in [-1, 1]).
 
-    Context ``[BOS] [BOI] <clean condition span, t = 0> [EOI]``; each step re-runs the whole
-    sequence (short captions; no KV cache) and reads the logits at the last position.
+    Context ``[BOS] [BOI] <clean condition span, t = 0> [EOI]``; the next byte (or EOS) is
+    the argmax of the logits at the last position, over byte tokens and EOS only.
+
+    With ``cfg.use_cache`` (default) the context is run once (``model.prefill``, the full
+    hybrid mask, so the image span stays bidirectional) and each step then runs only the new
+    token against the per-layer KV cache (``model.decode_step``). ``use_cache=False`` re-runs
+    the whole padded sequence every step: the reference the cached path is tested against.
+    Both stop when every caption has its EOS or after ``cfg.max_caption_len`` bytes.
     """
     grid = (1, images.shape[-2] // patch_size, images.shape[-1] // patch_size)
     prefixes = [image_to_text_doc(tokenizer, patchify(img.float().cpu(), patch_size), grid)
                 for img in images]
     generated: list[list[int]] = [[] for _ in prefixes]
     done = [False] * len(prefixes)
-    # one padded length for every step: compiled attention then sees a single shape
-    seq_len = max(sum(len(s) for s in p) for p in prefixes) + cfg.max_caption_len
-    with inference(model):
-        for _ in range(cfg.max_caption_len):
-            next_ids = _next_tokens(model, tokenizer, prefixes, generated, seq_len, device)
-            for i, tok in enumerate(next_ids):
+
+    def accept(next_ids: list[int]) -> bool:
+        for i, tok in enumerate(next_ids):
+            if not done[i]:
+                done[i] = tok == tokenizer.eos
                 if not done[i]:
-                    done[i] = tok == tokenizer.eos
-                    if not done[i]:
-                        generated[i].append(tok)
-            if all(done):
-                break
+                    generated[i].append(tok)
+        return all(done)
+
+    with inference(model):
+        if cfg.use_cache:
+            if not hasattr(model, "prefill"):
+                raise TypeError(f"{type(model).__name__} has no prefill/decode_step for KV-cache "
+                                "decoding: set sampler.use_cache=false")
+            batch = build_batch(prefixes, tokenizer).to(device)
+            clean = torch.zeros(len(batch.spans), device=device)  # condition spans: t = 0
+            logits, cache = model.prefill(batch, batch.patches, clean,
+                                          max_new_tokens=cfg.max_caption_len)
+            for step in range(cfg.max_caption_len):
+                next_ids = _greedy(logits, tokenizer)
+                if accept(next_ids) or step == cfg.max_caption_len - 1:
+                    break
+                # finished rows decode their argmax too (ignored): the batch keeps one shape
+                logits = model.decode_step(torch.tensor(next_ids, device=device), cache)
+        else:
+            # one padded length for every step: compiled attention then sees a single shape
+            seq_len = max(sum(len(s) for s in p) for p in prefixes) + cfg.max_caption_len
+            for _ in range(cfg.max_caption_len):
+                if accept(_next_tokens(model, tokenizer, prefixes, generated, seq_len, device)):
+                    break
     return [tokenizer.decode(ids) for ids in generated]
+
+
+def _greedy(logits: torch.Tensor, tokenizer: ByteTokenizer) -> list[int]:
+    """Argmax of ``[n, vocab]`` logits over the tokens a caption may contain."""
+    allowed = _allowed_tokens(tokenizer, logits.shape[-1], logits.device)
+    return logits.float().masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
 
 
 def _next_tokens(model: nn.Module, tokenizer: ByteTokenizer, prefixes: list, generated: list,
                  seq_len: int, device) -> list[int]:
+    """The full-recompute step: the whole sequence so far, logits at each row's last position."""
     docs = [prefix + ([ids] if ids else []) for prefix, ids in zip(prefixes, generated)]
     batch = build_batch(docs, tokenizer, seq_len)
     last = (batch.document_ids >= 0).sum(dim=1) - 1
@@ -57,6 +88,4 @@ def _next_tokens(model: nn.Module, tokenizer: ByteTokenizer, prefixes: list, gen
     batch.targets[torch.arange(len(docs)), last] = tokenizer.pad
     batch = batch.to(device)
     clean = torch.zeros(len(batch.spans), device=device)          # condition spans: t = 0
-    logits = model(batch, batch.patches, clean)["text_logits"]
-    allowed = _allowed_tokens(tokenizer, logits.shape[-1], logits.device)
-    return logits.float().masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
+    return _greedy(model(batch, batch.patches, clean)["text_logits"], tokenizer)

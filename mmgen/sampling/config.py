@@ -16,6 +16,9 @@ class SamplerConfig:
         prediction: what the network outputs ("v", "x", "eps"); must equal the objective's.
         t_eps: divisor floor of the prediction -> velocity conversion (as in the objective).
         max_caption_len: greedy decoding stops after this many bytes without EOS.
+        use_cache: caption decoding runs the image prompt once and then one token per step
+            with a KV cache; False re-runs the whole sequence every step (the reference
+            path: the same captions up to float rounding, slower).
         seed: seeds the initial noise, so samples are reproducible across calls.
     """
 
@@ -25,6 +28,7 @@ class SamplerConfig:
     prediction: str = "v"
     t_eps: float = 0.05
     max_caption_len: int = 64
+    use_cache: bool = True
     seed: int = 0
 
     def validate(self) -> "SamplerConfig":
