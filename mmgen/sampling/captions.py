@@ -1,6 +1,8 @@
 # Image-to-text sampling: greedy byte decoding conditioned on a clean image span.
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -54,14 +56,17 @@ def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.
                                 "decoding: set sampler.use_cache=false")
             batch = build_batch(prefixes, tokenizer).to(device)
             clean = torch.zeros(len(batch.spans), device=device)  # condition spans: t = 0
-            logits, cache = model.prefill(batch, batch.patches, clean,
-                                          max_new_tokens=cfg.max_caption_len)
-            for step in range(cfg.max_caption_len):
-                next_ids = _greedy(logits, tokenizer)
-                if accept(next_ids) or step == cfg.max_caption_len - 1:
-                    break
-                # finished rows decode their argmax too (ignored): the batch keeps one shape
-                logits = model.decode_step(torch.tensor(next_ids, device=device), cache)
+            # blocks compiled for training (trainer.compile) would recompile for every cache
+            # length: run them eagerly here, hooks included
+            with _eager():
+                logits, cache = model.prefill(batch, batch.patches, clean,
+                                              max_new_tokens=cfg.max_caption_len)
+                for step in range(cfg.max_caption_len):
+                    next_ids = _greedy(logits, tokenizer)
+                    if accept(next_ids) or step == cfg.max_caption_len - 1:
+                        break
+                    # finished rows decode their argmax too (ignored): one shape for all
+                    logits = model.decode_step(torch.tensor(next_ids, device=device), cache)
         else:
             # one padded length for every step: compiled attention then sees a single shape
             seq_len = max(sum(len(s) for s in p) for p in prefixes) + cfg.max_caption_len
@@ -69,6 +74,11 @@ def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.
                 if accept(_next_tokens(model, tokenizer, prefixes, generated, seq_len, device)):
                     break
     return [tokenizer.decode(ids) for ids in generated]
+
+
+def _eager():
+    set_stance = getattr(torch.compiler, "set_stance", None)     # torch >= 2.6
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 def _greedy(logits: torch.Tensor, tokenizer: ByteTokenizer) -> list[int]:
