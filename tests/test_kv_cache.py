@@ -175,3 +175,31 @@ def test_generate_captions_cache_stops_at_eos():
         assert cached == full
         lengths |= {len(s.encode("utf-8", "surrogateescape")) for s in cached}
     assert len(lengths) >= 4                          # rows stopped at different steps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_steps_match_full_recompute_on_gpu_with_flex_prefill():
+    """On CUDA the prefill and the full recompute use FlexAttention (block mask), the decode
+    steps SDPA: the same numbers within fp32 kernel differences."""
+    model = _model().cuda()
+    docs = _prompts(torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+
+    def full(docs):
+        ref = build_batch(docs, TOK)
+        last = (ref.document_ids >= 0).sum(dim=1) - 1
+        ref.targets = torch.full_like(ref.targets, IGNORE_INDEX)
+        ref.targets[torch.arange(len(docs)), last] = TOK.pad
+        return model(ref.to("cuda"))["text_logits"]
+
+    with torch.no_grad():
+        batch = build_batch(docs, TOK).to("cuda")
+        assert type(model.build_mask(batch)).__name__ == "BlockMask"
+        logits, cache = model.prefill(batch, max_new_tokens=4)
+        torch.testing.assert_close(logits, full(docs), atol=1e-4, rtol=1e-4)
+        for _ in range(4):
+            tokens = torch.randint(0, TOK.num_bytes, (3,), generator=gen)
+            docs = _append(docs, tokens.tolist())
+            logits = model.decode_step(tokens.cuda(), cache)
+            torch.testing.assert_close(logits, full(docs), atol=1e-4, rtol=1e-4)
