@@ -406,9 +406,12 @@ def main() -> None:
     else:
         import torch
 
-        n = a.gpus or torch.cuda.device_count()
+        visible = torch.cuda.device_count()
+        n = a.gpus or visible
         if n < 1:
             sys.exit("multigpu_ddp: no GPU visible (use --cpu to check the script on CPUs)")
+        if n > visible:
+            sys.exit(f"multigpu_ddp: --gpus {n} but {visible} GPU(s) visible")
         small = ["experiment=shapes_gpu", "optim.warmup_steps=20", "trainer.max_minutes=0"]
         big = ["experiment=gpu_1b"]
         floor = BF16_SPACING
