@@ -138,6 +138,18 @@ class UnifiedTransformer(nn.Module):
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
 
+    def _inputs(self, batch: MultimodalBatch, visual_in: torch.Tensor | None,
+                span_t: torch.Tensor | None, mask: AttentionMask | None):
+        """Embedded inputs, RoPE tables and mask of a whole batch (defaults as in forward)."""
+        if visual_in is None:
+            visual_in = batch.patches
+        if span_t is None:
+            span_t = torch.zeros(len(batch.spans), device=batch.tokens.device)
+        if mask is None:
+            mask = self.build_mask(batch)
+        rope = rope_cos_sin(batch.positions, self.cfg.head_dim, self.cfg.rope_theta)
+        return self.embed(batch, visual_in, span_t), rope, mask
+
     def forward(self, batch: MultimodalBatch, visual_in: torch.Tensor | None = None,
                 span_t: torch.Tensor | None = None, mask: AttentionMask | None = None
                 ) -> dict[str, torch.Tensor]:
@@ -155,14 +167,7 @@ class UnifiedTransformer(nn.Module):
             IGNORE_INDEX (row-major); ``"visual"``: ``[N, patch_dim]`` at continuous visual
             positions (row-major).
         """
-        if visual_in is None:
-            visual_in = batch.patches
-        if span_t is None:
-            span_t = torch.zeros(len(batch.spans), device=batch.tokens.device)
-        if mask is None:
-            mask = self.build_mask(batch)
-        x = self.embed(batch, visual_in, span_t)
-        rope = rope_cos_sin(batch.positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x, rope, mask = self._inputs(batch, visual_in, span_t, mask)
         for layer in self.layers:
             x = layer(x, rope, mask)
         h = self.norm(x)
@@ -192,16 +197,9 @@ class UnifiedTransformer(nn.Module):
             ``[B, vocab]`` text logits at each row's last position (they pick the first new
             token), and the cache.
         """
-        if visual_in is None:
-            visual_in = batch.patches
-        if span_t is None:
-            span_t = torch.zeros(len(batch.spans), device=batch.tokens.device)
-        if mask is None:
-            mask = self.build_mask(batch)
+        x, rope, mask = self._inputs(batch, visual_in, span_t, mask)
         cache = KVCache.for_prefix(len(self.layers), batch.document_ids, batch.positions,
                                    max_new_tokens)
-        x = self.embed(batch, visual_in, span_t)
-        rope = rope_cos_sin(batch.positions, self.cfg.head_dim, self.cfg.rope_theta)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache.layer(i))
         cache.prefilled(batch.shape[1])
