@@ -110,10 +110,6 @@ class Trainer:
                                        grad_accum=self.job.trainer.grad_accum)
         self.data_iter = None
         self.key_log = None
-        if self.job.trainer.record_keys:
-            path = self.run_dir / "data_keys" / f"rank_{self.dist.rank:05d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.key_log = open(path, "a")
 
     def stream(self, micro: int) -> int:
         """The data stream of micro-batch ``micro`` of a step on this rank (AccumLoader)."""
@@ -159,6 +155,10 @@ class Trainer:
         Raises ``Preempted`` after checkpointing when a preemption signal arrived."""
         job = self.job.trainer
         self.data_iter = iter(self.loader)
+        if job.record_keys:
+            path = self.run_dir / "data_keys" / f"rank_{self.dist.rank:05d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.key_log = open(path, "a")
         self.start_time = time.time() - self.state.elapsed_s
         end = min(job.steps, stop_at or job.steps)
         self.preemption = PreemptionFlag(list(job.preemption_signals))
@@ -180,6 +180,7 @@ class Trainer:
             self.metrics.close()
             if self.key_log is not None:
                 self.key_log.close()
+                self.key_log = None
         return self.state
 
     def after_step(self, stats: dict, end: int) -> bool:
