@@ -62,10 +62,11 @@ class JobConfig:
             raise ConfigError(f"data.image_size/patch_size = {grid} patches per side exceeds model.max_grid {list(m.max_grid)}")
         if m.vocab_size < 264:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's 264 ids")
-        if self.parallel.name == "zero3" and (self.trainer.sample_every or self.trainer.eval_at_end):
+        sharded = self.parallel.name in ("zero3", "fsdp2")
+        if sharded and (self.trainer.sample_every or self.trainer.eval_at_end):
             raise ConfigError("trainer.sample_every / trainer.eval_at_end sample on rank 0 alone, which needs the "
-                              "whole model: not available under parallel=zero3 (use `mmgen sample` / `mmgen eval` "
-                              "on the run's checkpoint instead)")
+                              f"whole model: not available under parallel={self.parallel.name} (use `mmgen sample` / "
+                              "`mmgen eval` on the run's checkpoint instead)")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name='{self.name}' must be a non-empty run name without '/'")
 

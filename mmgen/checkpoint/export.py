@@ -31,10 +31,13 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if (ckpt / "model.pt").is_file():  # DDP: replicated, one file
         return torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
     from mmgen.parallel.deepspeed import DS_TAG
+    from mmgen.parallel.fsdp import FSDP_DIR, fsdp_state_dict
 
+    if (ckpt / FSDP_DIR).is_dir():  # FSDP2: torch.distributed.checkpoint shards
+        return fsdp_state_dict(ckpt)
     if (ckpt / DS_TAG).is_dir():  # ZeRO: shards in DeepSpeed's layout (mmgen.parallel.deepspeed)
         return _deepspeed_state_dict(ckpt, DS_TAG)
-    raise FileNotFoundError(f"{ckpt}: no model state found (model.pt or {DS_TAG}/)")
+    raise FileNotFoundError(f"{ckpt}: no model state found (model.pt, {FSDP_DIR}/ or {DS_TAG}/)")
 
 
 def _deepspeed_state_dict(ckpt: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -24,6 +24,10 @@ def build_engine(module, parallel_cfg, optim_cfg, dist: DistInfo, *, micro_batch
 
         apply_activation_checkpointing(module, parallel_cfg.activation_checkpointing)
         return apply_ddp(module, parallel_cfg, optim_cfg, dist)
+    if parallel_cfg.name == "fsdp2":
+        from mmgen.parallel.fsdp import apply_fsdp
+
+        return apply_fsdp(module, parallel_cfg, optim_cfg, dist)
     if parallel_cfg.is_zero:
         from mmgen.parallel.deepspeed import apply_deepspeed
 

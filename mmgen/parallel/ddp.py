@@ -53,6 +53,11 @@ class DDPEngine(Engine):
 
     def load(self, path: Path) -> None:
         dev = self.dist.device
+        if not (path / "model.pt").is_file():
+            raise FileNotFoundError(
+                f"{path}: not a DDP checkpoint (no model.pt; written by a sharded backend?); start "
+                f"a new run with checkpoint.init_from={path.parent.parent} to take its weights "
+                f"into parallel=ddp")
         self.module.load_state_dict(torch.load(path / "model.pt", map_location=dev, weights_only=True))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
 
