@@ -1,7 +1,7 @@
 # The interface every parallelism backend implements; the trainer only talks to this.
 """An ``Engine`` owns the (possibly wrapped) model and its optimizer and hides how gradients
-are synchronised and how state is sharded. DDP is the first implementation; DeepSpeed ZeRO,
-FSDP2 and megatron-core plug in behind the same methods without changes to the loop."""
+are synchronised and how state is sharded: DDP (ddp.py), FSDP2 (fsdp.py) and DeepSpeed ZeRO
+(deepspeed.py) implement it; megatron-core plugs in behind the same methods."""
 from __future__ import annotations
 
 import contextlib
