@@ -65,6 +65,12 @@ def test_fsdp2_matches_ddp_resumes_reshards_and_exports(shapes_dir, tmp_path):
     for k in reference:
         torch.testing.assert_close(exported[k], reference[k], atol=1e-5, rtol=1e-4, msg=k)
 
+    # ... and initialise a DDP run (one process) from the FSDP run's shards
+    r = torchrun(tmp_path, shapes_dir, "from_fsdp",
+                 ["trainer.steps=1", f"checkpoint.init_from={runs / 'fsdp'}"], nproc=1)
+    first = losses(runs / "from_fsdp")[1]["loss/total"]
+    assert first < ddp[1]["loss/total"] - 0.05     # starts from trained weights, not from init
+
     # a DDP run cannot resume an FSDP checkpoint (and vice versa): one line naming the fix
     r = run_cli([str(BIN / "mmgen-train"), *COMMON, *data_overrides(shapes_dir), "name=fsdp",
                  "trainer.steps=9"], cwd=tmp_path)
