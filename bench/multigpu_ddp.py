@@ -307,25 +307,31 @@ def split(b: Bench, n: int, common: list[str], steps: int) -> dict:
     return out
 
 
-def scaling(b: Bench, sizes: list[int], common: list[str], steps: int, warmup: int) -> dict:
-    print(f"scaling: {steps} steps on {sizes} processes", flush=True)
+def scaling(b: Bench, sizes: list[int], common: list[str], steps: int, warmup: int,
+            backends: list[str]) -> dict:
+    """Weak scaling per backend; efficiency against the same backend on 1 GPU."""
+    print(f"scaling: {steps} steps on {sizes} processes, backends {backends}", flush=True)
     rows = []
-    for n in sizes:
-        name = f"scaling_{n}"
-        b.train(n, name, [*common, f"trainer.steps={steps}", "trainer.log_every=1",
-                          "checkpoint.enabled=false"])
-        recs = [r for s, r in sorted(records(b.run_dir(name)).items()) if s > warmup]
-        med = lambda k: statistics.median(r[k] for r in recs) if k in recs[0] else None
-        tps = med("perf/tokens_per_s")
-        rows.append({"gpus": n, "tokens_per_s": tps, "tokens_per_s_per_gpu": tps / n,
-                     "mfu": med("perf/mfu"), "data_wait_frac": med("perf/data_wait_frac"),
-                     "step_s": med("perf/step_s"),
-                     "max_mem_gib": max((r.get("perf/max_mem_gib", 0.0) for r in recs),
-                                        default=None),
-                     "padding_fraction": recs[-1].get("data/padding_fraction"),
-                     "final_loss": recs[-1]["loss/total"]})
-    for row in rows:
-        row["efficiency"] = row["tokens_per_s_per_gpu"] / rows[0]["tokens_per_s_per_gpu"]
+    for backend in backends:
+        mine = []
+        for n in sizes:
+            name = f"scaling_{backend}_{n}"
+            b.train(n, name, [*common, f"parallel={backend}", f"trainer.steps={steps}",
+                              "trainer.log_every=1", "checkpoint.enabled=false"])
+            recs = [r for s, r in sorted(records(b.run_dir(name)).items()) if s > warmup]
+            med = lambda k: statistics.median(r[k] for r in recs) if k in recs[0] else None
+            tps = med("perf/tokens_per_s")
+            mine.append({"backend": backend, "gpus": n, "tokens_per_s": tps,
+                         "tokens_per_s_per_gpu": tps / n, "mfu": med("perf/mfu"),
+                         "data_wait_frac": med("perf/data_wait_frac"),
+                         "step_s": med("perf/step_s"),
+                         "max_mem_gib": max((r.get("perf/max_mem_gib", 0.0) for r in recs),
+                                            default=None),
+                         "padding_fraction": recs[-1].get("data/padding_fraction"),
+                         "final_loss": recs[-1]["loss/total"]})
+        for row in mine:
+            row["efficiency"] = row["tokens_per_s_per_gpu"] / mine[0]["tokens_per_s_per_gpu"]
+        rows += mine
     return {"steps": steps, "warmup": warmup, "rows": rows}
 
 
@@ -362,12 +368,12 @@ def print_tables(res: dict) -> None:
         print(f"split: {'PASS' if s['pass'] else 'FAIL'}")
     if "scaling" in res:
         print(f"\nweak scaling (medians after step {res['scaling']['warmup']})")
-        print(f"{'GPUs':>5s}{'tok/s':>11s}{'tok/s/GPU':>11s}{'eff.':>7s}{'MFU':>7s}{'wait':>7s}"
-              f"{'GiB':>7s}")
+        print(f"{'backend':>8s}{'GPUs':>5s}{'tok/s':>11s}{'tok/s/GPU':>11s}{'eff.':>7s}{'MFU':>7s}"
+              f"{'wait':>7s}{'GiB':>7s}")
         for r in res["scaling"]["rows"]:
             mfu = f"{r['mfu']:7.3f}" if r["mfu"] is not None else f"{'-':>7s}"
             mem = f"{r['max_mem_gib']:7.1f}" if r["max_mem_gib"] else f"{'-':>7s}"
-            print(f"{r['gpus']:5d}{r['tokens_per_s']:11.0f}{r['tokens_per_s_per_gpu']:11.0f}"
+            print(f"{r['backend']:>8s}{r['gpus']:5d}{r['tokens_per_s']:11.0f}{r['tokens_per_s_per_gpu']:11.0f}"
                   f"{r['efficiency']:7.3f}{mfu}{r['data_wait_frac']:7.3f}{mem}")
 
 
@@ -385,6 +391,8 @@ def main() -> None:
     p.add_argument("--split-samples", type=int, default=0,
                    help="training samples of the split part (default 1024; 64 with --cpu)")
     p.add_argument("--scaling-steps", type=int, default=30)
+    p.add_argument("--scaling-backends", default="ddp",
+                   help="comma-separated parallel backends to scale, e.g. ddp,fsdp2")
     p.add_argument("--warmup", type=int, default=10, help="scaling records excluded (compile)")
     p.add_argument("--work", default="runs/bench_multigpu", help="runs and data go here")
     p.add_argument("--timeout", type=int, default=900, help="seconds per training run")
@@ -433,7 +441,8 @@ def main() -> None:
         if not a.cpu:
             d = b.make_data("shapes128", train=4096, per_shard=128, image_size=128)
             data = [f"data.train_shards={d}/train", f"data.val_shards={d}/val"]
-        res["scaling"] = scaling(b, sizes, [*big, *data], a.scaling_steps, a.warmup)
+        res["scaling"] = scaling(b, sizes, [*big, *data], a.scaling_steps, a.warmup,
+                                 [x for x in a.scaling_backends.split(",") if x])
     print_tables(res)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

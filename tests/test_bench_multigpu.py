@@ -11,7 +11,7 @@ def test_multigpu_bench_runs_on_two_cpu_processes(tmp_path):
     out = tmp_path / "result.json"
     r = run_cli([sys.executable, str(ROOT / "bench" / "multigpu_ddp.py"), "--cpu",
                  "--parity-steps", "20", "--split-steps", "24", "--scaling-steps", "6",
-                 "--warmup", "2", "--work", str(tmp_path / "work"), "--out", str(out)],
+                 "--warmup", "2", "--scaling-backends", "ddp,fsdp2", "--work", str(tmp_path / "work"), "--out", str(out)],
                 cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -29,6 +29,8 @@ def test_multigpu_bench_runs_on_two_cpu_processes(tmp_path):
     assert s["resume_same_keys"] and s["resumed"] and 1 <= s["preempted_at"] < 24
     assert s["resume_loss"]["max_rel"] == 0.0 and s["pass"]
     rows = res["scaling"]["rows"]
-    assert [row["gpus"] for row in rows] == [1, 2] and rows[0]["efficiency"] == 1.0
+    assert [(row["backend"], row["gpus"]) for row in rows] == [
+        ("ddp", 1), ("ddp", 2), ("fsdp2", 1), ("fsdp2", 2)]
+    assert rows[0]["efficiency"] == rows[2]["efficiency"] == 1.0
     assert all(row["tokens_per_s"] > 0 for row in rows)
     assert "PASS" in r.stdout and "weak scaling" in r.stdout
