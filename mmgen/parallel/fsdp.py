@@ -45,9 +45,12 @@ class FSDPEngine(Engine):
         # half the bytes and computes in bf16; gradients are still reduced in fp32.
         policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[cfg.fsdp_param_dtype],
                                       reduce_dtype=torch.float32)
-        for block in module.layers:
-            fully_shard(block, mesh=self.mesh, reshard_after_forward=cfg.reshard_after_forward,
-                        mp_policy=policy)
+        last = len(module.layers) - 1
+        for i, block in enumerate(module.layers):
+            # the last block's backward starts right after its forward: freeing its parameters
+            # in between would only gather them again at once
+            fully_shard(block, mesh=self.mesh, mp_policy=policy,
+                        reshard_after_forward=cfg.reshard_after_forward and i < last)
         # the root keeps the embeddings, norm and heads; it is gathered for the whole forward
         # (the tied text head reads tok_embeddings.weight after the blocks)
         fully_shard(module, mesh=self.mesh, reshard_after_forward=False, mp_policy=policy)
