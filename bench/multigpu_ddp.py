@@ -84,8 +84,8 @@ class Bench:
 
     def train_single_concurrently(self, jobs: list[tuple[str, list[str]]], gpus: int) -> None:
         """One-process runs, up to ``gpus`` at a time, each on its own GPU (independent runs:
-        only their losses are compared, not their speed). Sequential on CPU."""
-        if self.a.cpu or gpus < 2:
+        only their losses are compared, not their speed). With --cpu the same, on the cores."""
+        if gpus < 2:
             for name, overrides in jobs:
                 self.train(1, name, overrides)
             return
