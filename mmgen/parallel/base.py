@@ -65,3 +65,23 @@ class Engine(ABC):
     @abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Full, unsharded plain-model state on rank 0 (export)."""
+
+
+class TorchEngine(Engine):
+    """An engine whose gradients torch averages over data-parallel ranks (DDP, FSDP2) and
+    whose optimizer is a plain torch optimizer over ``module``'s parameters."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the backend averages gradients over ranks; the loss is a global sum-normalised value,
+        # so the correct gradient is the sum over ranks: scale by the data-parallel size
+        (loss * self.dp_size).backward()
+
+    def step(self, grad_clip: float) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = grad_clip if grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):      # sharded (DTensor) gradients: the global norm
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()

@@ -7,12 +7,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from mmgen.optim import OptimConfig, build_optimizer
-from mmgen.parallel.base import Engine
+from mmgen.parallel.base import TorchEngine
 from mmgen.parallel.config import ParallelConfig
 from mmgen.parallel.dist import DistInfo
 
 
-class DDPEngine(Engine):
+class DDPEngine(TorchEngine):
     """One process: the plain model. Several: DDP over gloo (CPU) or NCCL (GPU)."""
 
     def __init__(self, module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, dist: DistInfo):
@@ -32,19 +32,6 @@ class DDPEngine(Engine):
         if isinstance(self.model, DistributedDataParallel) and not is_last_microbatch:
             return self.model.no_sync()
         return super().accumulate(is_last_microbatch)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        # DDP averages gradients over ranks; the loss is a global sum-normalised value, so the
-        # correct gradient is the sum over ranks: scale by the data-parallel size.
-        (loss * self.dp_size).backward()
-
-    def step(self, grad_clip: float) -> torch.Tensor:
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = grad_clip if grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
 
     def save(self, path: Path) -> None:
         if self.dist.is_main:  # replicated state: one copy is the whole state

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mmgen.optim import OptimConfig, build_optimizer
-from mmgen.parallel.base import Engine
+from mmgen.parallel.base import TorchEngine
 from mmgen.parallel.config import ParallelConfig
 from mmgen.parallel.dist import DistInfo
 
@@ -28,7 +28,7 @@ FSDP_DIR = "fsdp"
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(TorchEngine):
     def __init__(self, module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig,
                  dist: DistInfo):
         from torch.distributed.device_mesh import init_device_mesh
@@ -60,21 +60,6 @@ class FSDPEngine(Engine):
         # reduce-scatter once per optimizer step: earlier micro-batches keep unsharded grads
         self.module.set_requires_gradient_sync(is_last_microbatch)
         return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        # FSDP averages gradients over ranks; the loss is normalised by global counts, so the
-        # gradient wanted is the sum: scale by the data-parallel size (as DDP)
-        (loss * self.dp_size).backward()
-
-    def step(self, grad_clip: float) -> torch.Tensor:
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = grad_clip if grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):      # a DTensor: the norm over every shard
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
 
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -127,4 +112,4 @@ def fsdp_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         out = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(ckpt / FSDP_DIR), str(out))
         state = torch.load(out, map_location="cpu", weights_only=False)
-    return {k: v for k, v in state["model"].items()}
+    return state["model"]
