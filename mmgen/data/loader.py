@@ -6,8 +6,9 @@ How resume stays exact (README.md, "Resume"):
 
 * A *logical worker* w in 0..W-1 (W = max(1, num_workers)) of stream r is reader
   ``g = r + world_size * w`` of ``R = world_size * W``. A stream is a rank's sequence of
-  micro-batches: with ``grad_accum`` A > 1 a rank reads A streams (``AccumLoader``), and
-  ``rank``/``world_size`` below mean the stream index and the number of streams. For every source it reads a fixed
+  micro-batches: with ``grad_accum`` A > 1 a rank reads A streams (``streams.AccumLoader``),
+  and ``rank``/``world_size`` below mean the stream index and the number of streams. For every
+  source it reads a fixed
   sub-stream: in each epoch the items ``epoch_items(shards, seed, epoch, g, R)``, each in its
   permuted sample order.
 * Its state is, per source, a cursor (epoch, item index, sample offset) of the first sample
@@ -40,6 +41,7 @@ from mmgen.data.resume import (STATE_VERSION, check_compatible, check_rank_set,
                                fresh_source_state, resplit, upgrade)
 from mmgen.data.sources import (ShardFile, epoch_items, expand_shards, read_shard, reader_index,
                                 sample_order, shard_fingerprint)
+from mmgen.data.streams import AccumLoader, loader_stats, stream_index
 
 log = logging.getLogger(__name__)
 
@@ -468,99 +470,6 @@ class MultimodalLoader:
                 == (L.rank, L.world_size, L.num_workers))
 
 
-def loader_stats(sources: list[_Source], workers: list[dict], totals: Counter, batches: int
-                 ) -> dict:
-    """``MultimodalLoader.stats()`` over the logical workers ``workers`` (of one or more streams)."""
-    skipped: Counter[str] = Counter()
-    per: dict[str, Counter] = {s.name: Counter() for s in sources}
-    epoch = 0
-    for w in workers:
-        for name, st in w["sources"].items():
-            c = st.get("counters", {})
-            skipped.update(c.get("skipped", {}))
-            if name in per:
-                per[name]["samples_read"] += c.get("samples_read", 0)
-                per[name]["skipped"] += sum(c.get("skipped", {}).values())
-                per[name]["images_dropped"] += c.get("images_dropped", 0)
-                per[name]["truncated"] += c.get("truncated", 0)
-                per[name]["epoch"] = max(per[name]["epoch"], st["cursor"]["epoch"])
-            epoch = max(epoch, st["cursor"]["epoch"])
-    positions, docs = totals["positions"], totals["documents"]
-    out = {
-        "samples_read": sum(p["samples_read"] for p in per.values()),
-        "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
-        "batches": batches, "documents": docs,
-        "padding_fraction": totals["padding"] / positions if positions else 0.0,
-        "epoch": epoch,
-    }
-    for name, p in per.items():
-        n = totals[f"documents/{name}"]
-        out.update({f"source/{name}/documents": n,
-                    f"source/{name}/share": n / docs if docs else 0.0,
-                    f"source/{name}/samples_read": p["samples_read"],
-                    f"source/{name}/skipped": p["skipped"],
-                    f"source/{name}/epoch": p["epoch"]})
-        if p["images_dropped"] or p["truncated"]:
-            out[f"source/{name}/images_dropped"] = p["images_dropped"]
-            out[f"source/{name}/truncated"] = p["truncated"]
-    return out
-
-
-class AccumLoader:
-    """The loader of one rank when ``grad_accum`` > 1: micro-batch ``a`` of every optimizer step
-    comes from data stream ``a * world_size + rank`` of ``world_size * grad_accum`` streams, each
-    a ``MultimodalLoader`` of its own (README.md "Streams"). The streams depend only on the
-    global batch layout, so 1 rank x ``grad_accum`` N and N ranks x 1 train on the same global
-    batches. Each stream runs ``num_workers`` DataLoader workers of its own.
-    """
-
-    def __init__(self, loaders: list[MultimodalLoader], rank: int, world_size: int):
-        self.loaders, self.rank, self.world_size = loaders, rank, world_size
-        self.sources = loaders[0].sources
-        self._next = 0       # the stream whose batch is due next (0 at every step boundary)
-
-    def __iter__(self) -> Iterator[MultimodalBatch]:
-        iters = [iter(loader) for loader in self.loaders]
-        while True:
-            batch = next(iters[self._next])
-            self._next = (self._next + 1) % len(self.loaders)
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                "grad_accum": len(self.loaders), "next": self._next,
-                "streams": [loader.state_dict() for loader in self.loaders]}
-
-    def same_layout(self, state: dict | None) -> bool:
-        streams = (state or {}).get("streams")
-        return (streams is not None and len(streams) == len(self.loaders)
-                and all(l.same_layout(s) for l, s in zip(self.loaders, streams)))
-
-    def load_state_dict(self, state: dict) -> None:
-        """This rank's own state (same layout), or ``{"ranks": [...]}``: every old rank's state,
-        from any layout (re-split per stream)."""
-        if "ranks" in state:
-            for loader in self.loaders:
-                loader.load_state_dict(state)
-            self._next = 0
-            return
-        if not self.same_layout(state):
-            raise ValueError(f"data: cannot resume: the state is not from {len(self.loaders)} "
-                             f"accumulation streams of rank {self.rank} of {self.world_size}; a "
-                             f"layout change needs every old rank's state: "
-                             f"load_state_dict({{'ranks': [...]}})")
-        for loader, st in zip(self.loaders, state["streams"]):
-            loader.load_state_dict(st)
-        self._next = int(state.get("next", 0))
-
-    def stats(self) -> dict:
-        totals: Counter[str] = Counter()
-        for loader in self.loaders:
-            totals.update(loader._totals)
-        return loader_stats(self.sources, [w for l in self.loaders for w in l._workers], totals,
-                            sum(l._batches for l in self.loaders))
-
-
 def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
                      split: str = "train", grad_accum: int = 1) -> MultimodalLoader | AccumLoader:
     """The packed-batch loader of one rank.
@@ -603,7 +512,7 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
                      "readers share shards, each taking every k-th sample", s.name,
                      len(s.shards), streams * workers, streams, workers)
     loaders = [MultimodalLoader(cfg, tokenizer, sources, weights,
-                                _Layout(a * world_size + rank, streams, workers), split)
+                                _Layout(stream_index(rank, world_size, a), streams, workers), split)
                for a in range(grad_accum)]
     return loaders[0] if grad_accum == 1 else AccumLoader(loaders, rank, world_size)
 

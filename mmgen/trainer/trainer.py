@@ -15,6 +15,7 @@ import torch
 from mmgen.checkpoint.manager import CheckpointManager
 from mmgen.config import JobConfig
 from mmgen.data import build_dataloader
+from mmgen.data.streams import stream_index
 from mmgen.metrics.logger import MetricsLogger, detect_peak_tflops
 from mmgen.models import build_model, flops_per_token, num_params
 from mmgen.models.tokenizers.text import build_tokenizer
@@ -113,7 +114,7 @@ class Trainer:
 
     def stream(self, micro: int) -> int:
         """The data stream of micro-batch ``micro`` of a step on this rank (AccumLoader)."""
-        return micro * self.dist.world_size + self.dist.rank
+        return stream_index(self.dist.rank, self.dist.world_size, micro)
 
     def build_metrics(self) -> None:
         from mmgen.config import to_yaml
