@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from mmgen.data.batch import IGNORE_INDEX
 from mmgen.data.patches import patchify
+from mmgen.models.kv_cache import last_positions
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.sampling.batching import build_batch, image_to_text_doc
 from mmgen.sampling.config import SamplerConfig
@@ -92,7 +93,7 @@ def _next_tokens(model: nn.Module, tokenizer: ByteTokenizer, prefixes: list, gen
     """The full-recompute step: the whole sequence so far, logits at each row's last position."""
     docs = [prefix + ([ids] if ids else []) for prefix, ids in zip(prefixes, generated)]
     batch = build_batch(docs, tokenizer, seq_len)
-    last = (batch.document_ids >= 0).sum(dim=1) - 1
+    last = last_positions(batch.document_ids)
     # the model emits logits only where a target exists: mark each row's last position
     batch.targets = torch.full_like(batch.targets, IGNORE_INDEX)
     batch.targets[torch.arange(len(docs)), last] = tokenizer.pad
