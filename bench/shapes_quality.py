@@ -30,7 +30,7 @@ def sh(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def real_image_ceiling(val: str, image_size: int, n: int) -> dict:
     from mmgen.data import iter_eval_samples
-    from mmgen.data.shapes import ShapeSpec
+    from mmgen.data.synthetic.shapes import ShapeSpec
     from mmgen.evaluation.shapes import score_images
 
     samples = list(iter_eval_samples(val, image_size, n))

@@ -1,15 +1,15 @@
 # The job's typed configuration: component schemas composed by Hydra, resolved once here.
 """``JobConfig`` is the root schema. Each component owns its dataclass next to its code
-(STYLE habit 4); this module only assembles them, registers the schema in Hydra's
-ConfigStore, converts a composed DictConfig into dataclasses and runs cross-field checks.
-Nothing below the entry point sees a DictConfig.
+(STYLE habit 4); this module only assembles them and runs the cross-field checks. Composition
+(Hydra, OmegaConf) lives beside it in ``mmgen/compose.py``, which only the entry points use:
+nothing below them sees a DictConfig, and this schema imports neither.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+import yaml
 
 from mmgen.checkpoint.config import CheckpointConfig
 from mmgen.data.config import DataConfig
@@ -22,8 +22,9 @@ from mmgen.sampling.config import SamplerConfig
 from mmgen.trainer.config import TrainerConfig
 
 
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message is one line that names it."""
+from mmgen.errors import ConfigError
+
+__all__ = ["ConfigError", "JobConfig", "to_yaml"]
 
 
 @dataclass
@@ -71,39 +72,6 @@ class JobConfig:
             raise ConfigError(f"name='{self.name}' must be a non-empty run name without '/'")
 
 
-def register_configs() -> None:
-    """Register the root schema so configs/config.yaml can use it as its first default."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="job_schema", node=JobConfig)
-
-
-def to_job_config(cfg: DictConfig) -> JobConfig:
-    """Composed DictConfig -> validated dataclasses (raises ConfigError with one line)."""
-    if "hydra" in cfg:
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.pop("hydra")
-    _reject_unknown_keys(cfg, JobConfig, "")
-    job = OmegaConf.to_object(cfg)
-    if not isinstance(job, JobConfig):
-        raise ConfigError("the composed config is not a JobConfig (configs/config.yaml must start from job_schema)")
-    job.validate()
-    return job
-
-
-def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
-    """``+key=value`` can add keys that no schema declares; to_object would drop them silently."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key in node.keys():
-        if key not in fields:
-            raise ConfigError(f"unknown key '{prefix}{key}' (not a field of {schema.__name__})")
-        sub = fields[key].type
-        sub = sub if isinstance(sub, type) else globals().get(str(sub))
-        if dataclasses.is_dataclass(sub) and isinstance(node[key], DictConfig):
-            _reject_unknown_keys(node[key], sub, f"{prefix}{key}.")
-
-
 def to_yaml(job: JobConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(job))
+    """The resolved job as YAML (``runs/<name>/config.yaml``), in schema field order."""
+    return yaml.safe_dump(dataclasses.asdict(job), sort_keys=False)

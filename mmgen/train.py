@@ -11,7 +11,8 @@ import hydra
 from omegaconf import DictConfig
 
 from mmgen.cli.preflight import check_overrides, config_dir, register_resolvers
-from mmgen.config import ConfigError, register_configs, to_job_config
+from mmgen.compose import register_configs, to_job_config
+from mmgen.config import ConfigError
 
 register_resolvers()
 register_configs()

@@ -26,7 +26,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = N
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """A small shapes dataset (train/ and val/) shared by the tests of one session."""
-    from mmgen.data.shapes import make_splits
+    from mmgen.data.synthetic.shapes import make_splits
 
     out = tmp_path_factory.mktemp("shapes")
     make_splits(out, num_train=600, num_val=60, image_size=32, seed=0, samples_per_shard=100)

@@ -6,13 +6,15 @@ from pathlib import Path
 import pytest
 
 from mmgen.cli.preflight import compose_job, config_dir, one_line
+from mmgen.compose import group_options
+from mmgen.models import FLAVORS
 from tests.conftest import BIN, ROOT, run_cli
 
 GROUPS = ["model", "objective", "data", "parallel", "optim", "trainer", "checkpoint", "metrics", "experiment"]
 
 
 def shipped(group: str) -> list[str]:
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+    return sorted({p.stem for p in (config_dir() / group).glob("*.yaml")} | set(group_options(group)))
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -28,6 +30,18 @@ def test_model_flavors_match_the_baseline_shape():
     job = compose_job(["model=1b"])
     m = job.model
     assert (m.dim, m.n_layers, m.n_heads, m.ffn_dim, m.vocab_size) == (2048, 22, 16, 5632, 32000)
+
+
+@pytest.mark.parametrize("name", sorted(FLAVORS))
+def test_model_option_is_the_registered_flavor(name):
+    """One flavor registry: ``model=<name>`` composes exactly ``FLAVORS[name]`` (patch_dim aside,
+    which follows data.patch_size), and no configs/model/*.yaml can disagree with it."""
+    import dataclasses
+
+    job = compose_job([f"model={name}"])
+    want = dataclasses.replace(FLAVORS[name], patch_dim=job.model.patch_dim)
+    assert job.model == want
+    assert not list((config_dir() / "model").glob("*.yaml"))
 
 
 def test_patch_dim_follows_data_patch_size():

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mmgen.cli.main import main
-from mmgen.data.shapes_video import encode_mp4
+from mmgen.data.synthetic.shapes_video import encode_mp4
 from tests.conftest import BIN, run_cli
 from tests.test_data_pipeline import timeout_fixture
 

@@ -10,8 +10,8 @@ import torch
 
 from mmgen.data import DataConfig, build_dataloader
 from mmgen.data.config import SourceConfig
-from mmgen.data.shapes_docs import write_document_shards
-from mmgen.data.shapes_video import write_video_shards
+from mmgen.data.synthetic.shapes_docs import write_document_shards
+from mmgen.data.synthetic.shapes_video import write_video_shards
 from mmgen.models.tokenizers.text import ByteTokenizer
 from tests.test_data_pipeline import make_sample, timeout_fixture, write_shard
 

@@ -11,13 +11,13 @@ import torch
 
 from mmgen.data import DataConfig, build_dataloader
 from mmgen.data import decode as dec
-from mmgen.data.batch import IGNORE_INDEX, IMAGE, TEXT, VIDEO
+from mmgen.batch import IGNORE_INDEX, IMAGE, TEXT, VIDEO
 from mmgen.data.config import SourceConfig
 from mmgen.data.pack import T2I, build_interleaved_document, build_video_document
 from mmgen.data.patches import grid_coords, patchify, to_unit
-from mmgen.data.shapes import encode_jpeg
-from mmgen.data.shapes_docs import write_document_shards
-from mmgen.data.shapes_video import encode_mp4, make_clip, write_video_shards
+from mmgen.data.synthetic.shapes import encode_jpeg
+from mmgen.data.synthetic.shapes_docs import write_document_shards
+from mmgen.data.synthetic.shapes_video import encode_mp4, make_clip, write_video_shards
 from mmgen.models.tokenizers.text import ByteTokenizer
 from tests.test_data_pipeline import timeout_fixture, write_shard
 

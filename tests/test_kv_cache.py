@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from mmgen.data.batch import IGNORE_INDEX
+from mmgen.batch import IGNORE_INDEX
 from mmgen.models import FLAVORS, build_model
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.sampling import (SamplerConfig, build_batch, generate_captions, image_to_text_doc,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmgen.data.batch import IGNORE_INDEX, IMAGE, TEXT
+from mmgen.batch import IGNORE_INDEX, IMAGE, TEXT
 from mmgen.data.decode import Sample
 from mmgen.data.pack import I2T, T2I, BatchPacker, build_document, choose_task, collate
 from mmgen.data.patches import grid_coords, patchify, to_unit

@@ -6,7 +6,7 @@ import copy
 import pytest
 import yaml
 
-from mmgen.data.recipes import (Recipe, _build, load_recipe, recipe_names, recipes_dir,
+from mmgen.data.tools.recipes import (Recipe, _build, load_recipe, recipe_names, recipes_dir,
                                 validate)
 
 # the datasets the issue asks for (name -> mmgen sample type)

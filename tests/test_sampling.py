@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mmgen.data.batch import IGNORE_INDEX
+from mmgen.batch import IGNORE_INDEX
 from mmgen.data.patches import grid_coords
 from mmgen.models import FLAVORS, build_model
 from mmgen.models.tokenizers.text import ByteTokenizer

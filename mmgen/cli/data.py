@@ -30,7 +30,7 @@ from pathlib import Path
 # ----------------------------------------------------------------------------------------------
 
 def cmd_make_shapes(a) -> None:
-    from mmgen.data.shapes import make_splits
+    from mmgen.data.synthetic.shapes import make_splits
 
     paths = make_splits(a.out, num_train=a.train, num_val=a.val, image_size=a.image_size,
                         seed=a.seed, samples_per_shard=a.per_shard)
@@ -39,7 +39,7 @@ def cmd_make_shapes(a) -> None:
 
 
 def cmd_make_shapes_video(a) -> None:
-    from mmgen.data.shapes_video import make_video_splits
+    from mmgen.data.synthetic.shapes_video import make_video_splits
 
     paths = make_video_splits(a.out, a.train, a.val, a.per_shard, a.image_size, a.frames, a.fps,
                               a.seed)
@@ -48,7 +48,7 @@ def cmd_make_shapes_video(a) -> None:
 
 
 def cmd_make_shapes_docs(a) -> None:
-    from mmgen.data.shapes_docs import write_document_shards
+    from mmgen.data.synthetic.shapes_docs import write_document_shards
 
     out = Path(a.out)
     tr = write_document_shards(str(out / "train"), a.train, a.per_shard, a.image_size, a.seed,
@@ -74,7 +74,7 @@ def _steps(recipe, out: str) -> list[str]:
 
 
 def cmd_prepare(a) -> None:
-    from mmgen.data.recipes import convert_metadata, load_recipe
+    from mmgen.data.tools.recipes import convert_metadata, load_recipe
 
     r = load_recipe(a.recipe)
     out = a.out or f"data/{r.name}"
@@ -126,7 +126,7 @@ def cmd_prepare(a) -> None:
 def cmd_check(a) -> None:
     import json
 
-    from mmgen.data.check import check_shard
+    from mmgen.data.tools.check import check_shard
     from mmgen.data.sources import expand_shards
 
     reports = []
@@ -157,7 +157,7 @@ def cmd_check(a) -> None:
 def cmd_index(a) -> None:
     import json
 
-    from mmgen.data.check import INDEX_NAME, build_index
+    from mmgen.data.tools.check import INDEX_NAME, build_index
     from mmgen.data.sources import expand_shards
 
     by_dir: dict[str, list[str]] = {}
@@ -182,7 +182,7 @@ def cmd_stats(a) -> None:
     import numpy as np
     from PIL import Image
 
-    from mmgen.data.check import caption_of, detect_type, read_index
+    from mmgen.data.tools.check import caption_of, detect_type, read_index
     from mmgen.data.decode import IMAGE_EXTS
     from mmgen.data.sources import ShardFile, expand_shards
 
@@ -240,7 +240,7 @@ def cmd_stats(a) -> None:
 
 
 def cmd_preview(a) -> None:
-    from mmgen.data.preview import contact_sheet
+    from mmgen.data.tools.preview import contact_sheet
     from mmgen.data.sources import expand_shards
 
     out = contact_sheet(expand_shards(a.shards), a.out, a.num, a.size, a.type)

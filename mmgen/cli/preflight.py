@@ -73,18 +73,24 @@ def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
 
 
 def check_group_options(overrides: list[str]) -> None:
-    """``group=option`` must name a file in ``configs/<group>/``: Hydra silently skips a
-    missing option of an ``optional`` default (``experiment=nope`` would train the defaults)."""
+    """``group=option`` must name a file in ``configs/<group>/`` or a registered option (model
+    flavors): Hydra silently skips a missing option of an ``optional`` default
+    (``experiment=nope`` would train the defaults)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mmgen.compose import group_options
 
     root = config_dir()
     for ov in OverridesParser.create().parse_overrides(overrides):
         group, value = ov.key_or_group, ov.value()
         if (not group or group.startswith("hydra") or ov.is_delete() or ov.package
-                or not isinstance(value, str) or not (root / group).is_dir()):
+                or not isinstance(value, str) or "." in group):
             continue  # hydra/* options also come from plugins (ConfigStore), not only files
-        if not (root / group / f"{value}.yaml").is_file():
-            options = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        registered = group_options(group)
+        if not (root / group).is_dir() and not registered:
+            continue
+        options = sorted({p.stem for p in (root / group).glob("*.yaml")} | set(registered))
+        if value not in options:
             raise ValueError(f"Could not find '{group}/{value}' (available: {', '.join(options)})")
 
 
@@ -93,7 +99,7 @@ def compose_job(overrides: list[str], config_name: str = "config"):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from mmgen.config import register_configs, to_job_config
+    from mmgen.compose import register_configs, to_job_config
 
     check_group_options(overrides)
     register_resolvers()

@@ -1,6 +1,6 @@
 # The data package: batch contract, patch helpers, and the shard -> packed-batch pipeline.
 """Import ``DataConfig`` cheaply; the loader (webdataset, Pillow, DataLoader) is imported on first
-use, so model code importing ``mmgen.data.batch`` does not pull the data stack (absent on some
+use, so model code importing ``mmgen.batch`` does not pull the data stack (absent on some
 GPU images). Stages and resume rules: ``mmgen/data/README.md``.
 """
 from __future__ import annotations
@@ -10,12 +10,12 @@ import importlib
 from mmgen.data.config import DataConfig, SourceConfig
 
 _LAZY = {
-    "build_dataloader": "mmgen.data.loader",
-    "iter_eval_samples": "mmgen.data.loader",
+    "build_dataloader": "mmgen.data.factory",
+    "iter_eval_samples": "mmgen.data.factory",
     "MultimodalLoader": "mmgen.data.loader",
     "expand_shards": "mmgen.data.sources",
     "collate": "mmgen.data.pack",
-    "load_recipe": "mmgen.data.recipes",
+    "load_recipe": "mmgen.data.tools.recipes",
 }
 
 __all__ = ["DataConfig", "SourceConfig", *_LAZY]

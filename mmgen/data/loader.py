@@ -27,21 +27,20 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmgen.data import decode as dec
-from mmgen.data.batch import MultimodalBatch
+from mmgen.batch import MultimodalBatch
 from mmgen.data.config import PAIR, VIDEO, DataConfig
 from mmgen.data.mixing import Mixer
 from mmgen.data.pack import (BatchPacker, Document, build_document, build_interleaved_document,
                              build_video_document, choose_task, collate)
 from mmgen.data.resume import (STATE_VERSION, check_compatible, check_rank_set,
                                fresh_source_state, resplit, upgrade)
-from mmgen.data.sources import (ShardFile, epoch_items, expand_shards, read_shard, reader_index,
+from mmgen.data.sources import (ShardFile, epoch_items, reader_index,
                                 sample_order, shard_fingerprint)
-from mmgen.data.streams import AccumLoader, loader_stats, stream_index
+from mmgen.data.stats import loader_stats
 
 log = logging.getLogger(__name__)
 
@@ -468,74 +467,3 @@ class MultimodalLoader:
         return (state is not None and "streams" not in state
                 and (state.get("rank"), state.get("world_size"), state.get("num_workers"))
                 == (L.rank, L.world_size, L.num_workers))
-
-
-def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
-                     split: str = "train", grad_accum: int = 1) -> MultimodalLoader | AccumLoader:
-    """The packed-batch loader of one rank.
-
-    Args:
-        cfg: the data config (validated here).
-        tokenizer: text tokenizer (``pad``, ``bos``, ``eos``, ``boi``, ``eoi``, ``bov``,
-            ``eov``, ``visual``, ``encode``), e.g. ``mmgen.models.tokenizers.text.ByteTokenizer``.
-        rank, world_size: this rank among the data-parallel ranks that read distinct data.
-        split: "train" or "val" (each source's train or val shards; sources without val shards
-            are left out of "val").
-        grad_accum: micro-batches per optimizer step on this rank. Above 1, micro-batch ``a``
-            of a step comes from stream ``a * world_size + rank`` (``AccumLoader``), so the
-            global batches depend on ``world_size * grad_accum`` only, not on how it is split.
-    """
-    cfg.validate()
-    if split not in ("train", "val"):
-        raise ValueError(f"data: split must be 'train' or 'val', got {split!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"data: rank {rank} outside world_size {world_size}")
-    sources = []
-    for name, sc in cfg.source_configs().items():
-        pattern = sc.shards if split == "train" else sc.val_shards
-        if not pattern:
-            continue
-        sources.append(_Source(name, sc.type, pattern, expand_shards(pattern)))
-    if not sources:
-        raise ValueError(f"data: no source of data config '{cfg.name}' has {split} shards")
-    all_weights = cfg.source_weights()
-    weights = {s.name: all_weights[s.name] for s in sources}
-    if not sum(weights.values()) > 0:
-        raise ValueError(f"data: every source with {split} shards has weight 0")
-    if grad_accum < 1:
-        raise ValueError(f"data: grad_accum must be >= 1, got {grad_accum}")
-    streams = world_size * grad_accum
-    workers = max(1, cfg.num_workers)
-    for s in sources:
-        if len(s.shards) < streams * workers and rank == 0:
-            log.info("data: source %r has %d shards for %d readers (%d streams x %d workers): "
-                     "readers share shards, each taking every k-th sample", s.name,
-                     len(s.shards), streams * workers, streams, workers)
-    loaders = [MultimodalLoader(cfg, tokenizer, sources, weights,
-                                _Layout(stream_index(rank, world_size, a), streams, workers), split)
-               for a in range(grad_accum)]
-    return loaders[0] if grad_accum == 1 else AccumLoader(loaders, rank, world_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: decoded held-out samples, no packing
-# ----------------------------------------------------------------------------------------------
-
-def iter_eval_samples(shards: str, image_size: int, limit: int | None = None
-                      ) -> Iterator[tuple[str, np.ndarray, str, dict]]:
-    """``(key, image [S, S, 3] uint8, caption, json dict)`` in a fixed order (sorted shards, tar
-    order), skipping (and logging) unusable samples, at most ``limit`` of them."""
-    count, skips = 0, dec.SkipLog()
-    for path in expand_shards(shards):
-        raw, error = read_shard(path)
-        for r in raw:
-            if limit is not None and count >= limit:
-                return
-            out = dec.decode_sample(r, image_size, want_info=True)
-            if isinstance(out, tuple):
-                skips.skip(out[0], path, r.get("__key__", "?"), out[1])
-                continue
-            count += 1
-            yield out.key, out.image, out.caption, out.info
-        if error is not None:
-            skips.skip(dec.SHARD_ERROR, path, "-", error)

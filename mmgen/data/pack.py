@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mmgen.data.batch import (CONTINUOUS, IGNORE_INDEX, IMAGE, TEXT, VIDEO, MultimodalBatch,
+from mmgen.batch import (CONTINUOUS, IGNORE_INDEX, IMAGE, TEXT, VIDEO, MultimodalBatch,
                               SpanTable)
 from mmgen.data.decode import InterleavedSample, Sample, VideoSample
 from mmgen.data.patches import grid_coords, patchify, to_unit

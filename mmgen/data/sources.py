@@ -86,12 +86,6 @@ def shard_fingerprint(shards: list[str]) -> str:
 # Stages 2-4: per-epoch shard permutation, split by rank, split by worker
 # ----------------------------------------------------------------------------------------------
 
-def epoch_shards(shards: list[str], seed: int, epoch: int) -> list[str]:
-    """The shard order of one epoch (same on every rank, so the rank split is a partition)."""
-    names = [os.path.basename(s) for s in shards]
-    return [shards[i] for i in hashed_permutation(names, "shards", seed, epoch)]
-
-
 def reader_index(rank: int, world_size: int, worker: int) -> int:
     """Global reader id of (rank, logical worker): readers interleave ranks first, so position
     ``i`` of an epoch's order goes to rank ``i % world_size`` (then worker ``i // world_size % W``)."""
@@ -116,14 +110,6 @@ def epoch_items(names: list[str], seed: int, epoch: int, reader: int, num_reader
         return [(perm[i], 0, 1) for i in range(reader, n, num_readers)]
     home = reader % n
     return [(perm[home], reader // n, len(range(home, num_readers, n)))]
-
-
-def worker_shards(shards: list[str], seed: int, epoch: int, rank: int, world_size: int,
-                  worker: int, num_workers: int) -> list[str]:
-    """The whole shards one (rank, logical worker) reads in ``epoch`` when there are at least as
-    many shards as readers: position i of the epoch's permutation goes to rank i % world_size,
-    then position j of the rank's list to worker j % num_workers."""
-    return epoch_shards(shards, seed, epoch)[rank::world_size][worker::num_workers]
 
 
 # ----------------------------------------------------------------------------------------------

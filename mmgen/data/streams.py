@@ -6,56 +6,16 @@ streams, so the global batches depend on ``W * A`` only (README.md "Streams"). E
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
-from mmgen.data.batch import MultimodalBatch
+from mmgen.batch import MultimodalBatch
 from mmgen.data.resume import STATE_VERSION
-
-if TYPE_CHECKING:
-    from mmgen.data.loader import MultimodalLoader, _Source
+from mmgen.data.stats import loader_stats
 
 
 def stream_index(rank: int, world_size: int, micro: int) -> int:
     """The data stream of micro-batch ``micro`` of an optimizer step on ``rank``."""
     return micro * world_size + rank
-
-
-def loader_stats(sources: list[_Source], workers: list[dict], totals: Counter, batches: int
-                 ) -> dict:
-    """``MultimodalLoader.stats()`` over the logical workers ``workers`` (of one or more streams)."""
-    skipped: Counter[str] = Counter()
-    per: dict[str, Counter] = {s.name: Counter() for s in sources}
-    epoch = 0
-    for w in workers:
-        for name, st in w["sources"].items():
-            c = st.get("counters", {})
-            skipped.update(c.get("skipped", {}))
-            if name in per:
-                per[name]["samples_read"] += c.get("samples_read", 0)
-                per[name]["skipped"] += sum(c.get("skipped", {}).values())
-                per[name]["images_dropped"] += c.get("images_dropped", 0)
-                per[name]["truncated"] += c.get("truncated", 0)
-                per[name]["epoch"] = max(per[name]["epoch"], st["cursor"]["epoch"])
-            epoch = max(epoch, st["cursor"]["epoch"])
-    positions, docs = totals["positions"], totals["documents"]
-    out = {
-        "samples_read": sum(p["samples_read"] for p in per.values()),
-        "skipped": dict(skipped), "skipped_total": sum(skipped.values()),
-        "batches": batches, "documents": docs,
-        "padding_fraction": totals["padding"] / positions if positions else 0.0,
-        "epoch": epoch,
-    }
-    for name, p in per.items():
-        n = totals[f"documents/{name}"]
-        out.update({f"source/{name}/documents": n,
-                    f"source/{name}/share": n / docs if docs else 0.0,
-                    f"source/{name}/samples_read": p["samples_read"],
-                    f"source/{name}/skipped": p["skipped"],
-                    f"source/{name}/epoch": p["epoch"]})
-        if p["images_dropped"] or p["truncated"]:
-            out[f"source/{name}/images_dropped"] = p["images_dropped"]
-            out[f"source/{name}/truncated"] = p["truncated"]
-    return out
 
 
 class AccumLoader:
@@ -66,7 +26,7 @@ class AccumLoader:
     batches. Each stream runs ``num_workers`` DataLoader workers of its own.
     """
 
-    def __init__(self, loaders: list[MultimodalLoader], rank: int, world_size: int):
+    def __init__(self, loaders: list, rank: int, world_size: int):  # of MultimodalLoader (loader.py)
         self.loaders, self.rank, self.world_size = loaders, rank, world_size
         self.sources = loaders[0].sources
         self._next = 0       # the stream whose batch is due next (0 at every step boundary)

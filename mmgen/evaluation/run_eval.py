@@ -51,7 +51,7 @@ def sample_grid(module, tokenizer, job: JobConfig, path: Path, n: int) -> Path:
 def evaluate_shapes(module, tokenizer, job: JobConfig, out_dir: Path, n: int, batch: int = 50) -> dict:
     """Scores on ``n`` held-out samples; writes ``scores.json`` and ``grid.png`` in out_dir."""
     from mmgen.data.patches import to_unit, to_uint8
-    from mmgen.data.shapes import ShapeSpec
+    from mmgen.data.synthetic.shapes import ShapeSpec
     from mmgen.evaluation.shapes import save_grid, score_captions, score_images
     from mmgen.sampling import generate_captions, generate_images
 

@@ -1,4 +1,4 @@
-# Pixel and caption scorers for the captioned-shapes benchmark (mmgen.data.shapes).
+# Pixel and caption scorers for the captioned-shapes benchmark (mmgen.data.synthetic.shapes).
 """Read a generated image's attributes from its pixels, parse a generated caption, and score
 both against ground-truth specs.
 
@@ -30,7 +30,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mmgen.data.shapes import (BACKGROUND, COLORS, POSITION_TO_CELL, SHAPES, SIZE_FRACTION,
+from mmgen.data.synthetic.shapes import (BACKGROUND, COLORS, POSITION_TO_CELL, SHAPES, SIZE_FRACTION,
                                SIZES, ShapeSpec)
 
 FG_DISTANCE = 70.0            # RGB distance from the background that counts as foreground
@@ -85,7 +85,7 @@ _SUB = 4  # subsamples per pixel side when rasterising templates
 
 
 def _template(shape: str, extent: float, cy: float, cx: float, side: int) -> np.ndarray:
-    """Anti-aliased coverage of a shape as :func:`mmgen.data.shapes.render` draws it, with
+    """Anti-aliased coverage of a shape as :func:`mmgen.data.synthetic.shapes.render` draws it, with
     bounding-box centre (cy, cx) and extent (diameter / side / base = height) in pixels."""
     g = (np.arange(side * _SUB) + 0.5) / _SUB
     y, x = g[:, None] - cy, g[None, :] - cx

@@ -10,9 +10,6 @@ writes a checkpoint and exits with ``REQUEUE_EXIT_CODE``; the per-node agent
 """
 from __future__ import annotations
 
-try:
-    from mmgen.trainer import REQUEUE_EXIT_CODE
-except ImportError:  # the trainer's contract value, for checkouts where it is not exported yet
-    REQUEUE_EXIT_CODE = 3
+from mmgen.trainer import REQUEUE_EXIT_CODE
 
 __all__ = ["REQUEUE_EXIT_CODE"]

@@ -1,8 +1,6 @@
 # Model registry: named flavors of the unified transformer and the factory that builds one.
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn as nn
 
@@ -10,23 +8,20 @@ from mmgen.models.config import ModelConfig
 from mmgen.models.kv_cache import KVCache
 from mmgen.models.transformer import UnifiedTransformer
 
+# The one flavor registry: `model=<name>` on the command line selects these (registered in
+# Hydra's ConfigStore by mmgen/compose.py; there are no configs/model/*.yaml files).
 FLAVORS: dict[str, ModelConfig] = {
-    # trains on a CPU in seconds; exercises GQA and qk-norm
+    # trains on a CPU in seconds (tests, smoke runs); exercises GQA and qk-norm
     "debug": ModelConfig(),
-    # ~100M non-embedding parameters
+    # ~100M non-embedding parameters: minutes on one GPU for the shapes benchmark
     "small": ModelConfig(name="small", dim=768, n_layers=12, n_heads=12, n_kv_heads=12,
                          ffn_dim=2048),
-    # the shape of /work/shared/bench/h100_baseline.py (~1.2B)
+    # ~1.2B: the shape of bench/baselines/h100_baseline.py (d=2048, 22 layers, 16 heads, FFN
+    # 5632, vocab 32000), with qk-norm (the baseline has none: its like-for-like comparison
+    # sets model.qk_norm=false)
     "1b": ModelConfig(name="1b", dim=2048, n_layers=22, n_heads=16, n_kv_heads=16,
-                      ffn_dim=5632, vocab_size=32000, qk_norm=False),
+                      ffn_dim=5632, vocab_size=32000),
 }
-
-
-def flavor(name: str, **overrides) -> ModelConfig:
-    """A copy of a registered flavor, with field overrides."""
-    if name not in FLAVORS:
-        raise ValueError(f"unknown model flavor '{name}' (available: {', '.join(FLAVORS)})")
-    return dataclasses.replace(FLAVORS[name], **overrides)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> UnifiedTransformer:
@@ -65,5 +60,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
-__all__ = ["FLAVORS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model", "flavor",
+__all__ = ["FLAVORS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model",
            "flops_per_token", "num_params"]

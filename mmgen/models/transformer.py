@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmgen.data.batch import IGNORE_INDEX, MultimodalBatch
+from mmgen.batch import IGNORE_INDEX, MultimodalBatch
 from mmgen.models.attention import AttentionMask, build_mask, resolve_backend
 from mmgen.models.config import ModelConfig
 from mmgen.models.kv_cache import KVCache, LayerKV, last_positions

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
-from mmgen.data.batch import MultimodalBatch
+from mmgen.batch import MultimodalBatch
 
 
 class Objective(Protocol):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmgen.data.batch import MultimodalBatch
+from mmgen.batch import MultimodalBatch
 from mmgen.objectives.config import ObjectiveConfig
 
 

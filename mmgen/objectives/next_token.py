@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmgen.data.batch import IGNORE_INDEX, MultimodalBatch
+from mmgen.batch import IGNORE_INDEX, MultimodalBatch
 from mmgen.objectives.base import normalise
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmgen.data.batch import MultimodalBatch
+from mmgen.batch import MultimodalBatch
 from mmgen.objectives.base import normalise
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.flow import FlowSample, flow_loss_sum, sample_flow, visual_counts

@@ -178,7 +178,7 @@ def import_deepspeed(device: torch.device):
 
     name = get_accelerator().device_name()
     if name != device.type:
-        from mmgen.config import ConfigError
+        from mmgen.errors import ConfigError
 
         raise ConfigError(f"DeepSpeed uses accelerator '{name}' but this run trains on '{device.type}': "
                           f"set DS_ACCELERATOR={device.type}")
@@ -219,7 +219,7 @@ def check_zero3_compile(module: torch.nn.Module, device: torch.device) -> None:
     compiled = any(getattr(block, "_compiled_call_impl", None) is not None for block in module.layers)
     cfg = getattr(module, "cfg", None)
     if compiled and cfg is not None and resolve_backend(cfg.attention, device) == "flex":
-        from mmgen.config import ConfigError
+        from mmgen.errors import ConfigError
 
         raise ConfigError("parallel=zero3 with trainer.compile=true and FlexAttention fails to compile "
                           "(ZeRO-3 parameter hooks split each block's graph): set trainer.compile=false")

@@ -12,7 +12,7 @@ from typing import Union
 
 import torch
 
-from mmgen.data.batch import (CONTINUOUS, IGNORE_INDEX, IMAGE, TEXT, VIDEO, MultimodalBatch,
+from mmgen.batch import (CONTINUOUS, IGNORE_INDEX, IMAGE, TEXT, VIDEO, MultimodalBatch,
                               SpanTable)
 from mmgen.data.patches import grid_coords
 from mmgen.models.tokenizers.text import ByteTokenizer

@@ -6,7 +6,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from mmgen.data.batch import IGNORE_INDEX
+from mmgen.batch import IGNORE_INDEX
 from mmgen.data.patches import patchify
 from mmgen.models.kv_cache import last_positions
 from mmgen.models.tokenizers.text import ByteTokenizer

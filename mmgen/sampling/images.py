@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmgen.data.batch import IGNORE_INDEX
+from mmgen.batch import IGNORE_INDEX
 from mmgen.data.patches import unpatchify
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.objectives.flow import to_velocity

@@ -7,7 +7,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,7 +59,6 @@ class TrainState:
     elapsed_s: float = 0.0
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -117,14 +117,11 @@ class Trainer:
         return stream_index(self.dist.rank, self.dist.world_size, micro)
 
     def build_metrics(self) -> None:
-        from mmgen.config import to_yaml
-        import yaml
-
         job = self.job
         self.peak_tflops = job.metrics.peak_tflops or detect_peak_tflops(self.dist.device)
         self.metrics = MetricsLogger(
             job.metrics, self.run_dir, self.dist.is_main, name=job.name,
-            config=yaml.safe_load(to_yaml(job)), total_steps=job.trainer.steps,
+            config=dataclasses.asdict(job), total_steps=job.trainer.steps,
             tags=[job.model.name, job.objective.name, job.parallel.name, job.data.name])
         self.metrics.set_progress(self.state.step)
 

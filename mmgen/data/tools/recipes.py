@@ -202,7 +202,7 @@ def validate(r: Recipe, where: str = "recipe") -> Recipe:
 def recipes_dir() -> Path:
     """The repository's ``data_recipes/`` (editable install), or ``$MMGEN_RECIPES_DIR``."""
     env = os.environ.get("MMGEN_RECIPES_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data_recipes"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "data_recipes"
 
 
 def recipe_names() -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmgen.data import decode as dec
-from mmgen.data.check import caption_of, detect_type
+from mmgen.data.tools.check import caption_of, detect_type
 from mmgen.data.sources import ShardFile
 
 TEXT_LINES = 4

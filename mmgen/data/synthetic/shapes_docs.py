@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from mmgen.data.shapes import encode_jpeg, render, sample_spec, write_sharded
+from mmgen.data.synthetic.shapes import encode_jpeg, render, sample_spec, write_sharded
 
 OPENERS = ("Look at this picture.", "Here is an image.", "A drawing:", "Consider this.")
 

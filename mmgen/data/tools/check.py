@@ -33,7 +33,6 @@ from mmgen.data import decode as dec
 from mmgen.data.config import INTERLEAVED, PAIR, VIDEO
 from mmgen.data.sources import _has_end_marker, split_member_name
 
-SHARD_KINDS = ("damaged_tar", "no_samples")
 
 
 @dataclass

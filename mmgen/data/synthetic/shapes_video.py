@@ -1,6 +1,6 @@
 # Procedural captioned videos of moving shapes (mp4 via PyAV): the embedded video data.
 """One filled shape glides in a straight line from the centre of one 3x3 cell to another over the
-clip, on the same dark background as the still shapes (``mmgen.data.shapes``), with a caption
+clip, on the same dark background as the still shapes (``mmgen.data.synthetic.shapes``), with a caption
 such as "a large red circle moving from the top left to the bottom right".
 
 Shards use the video2dataset WebDataset layout: ``{key}.mp4`` (H.264, yuv420p),
@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from mmgen.data.shapes import (COLORS, POSITIONS, SHAPES, SIZES, SUPERSAMPLE, draw_shape,
+from mmgen.data.synthetic.shapes import (COLORS, POSITIONS, SHAPES, SIZES, SUPERSAMPLE, draw_shape,
                                write_sharded)
 
 

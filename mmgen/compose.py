@@ -1,0 +1,66 @@
+# Hydra/OmegaConf composition of the job schema (mmgen/config.py); used by the entry points only.
+"""Registers the root schema and the model flavors (``mmgen.models.FLAVORS``, the one flavor
+registry: ``model=<flavor>``) in Hydra's ConfigStore, and turns a composed DictConfig into the
+validated ``JobConfig`` dataclasses, rejecting keys that no schema declares."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mmgen.config import ConfigError, JobConfig
+
+# model.patch_dim follows data.patch_size (resolver registered by mmgen.cli.preflight)
+PATCH_DIM = "${patch_dim:${data.patch_size}}"
+
+
+def register_configs() -> None:
+    """Register the root schema so configs/config.yaml can use it as its first default."""
+    from hydra.core.config_store import ConfigStore
+
+    from mmgen.models import FLAVORS
+
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+    for name, flavor in FLAVORS.items():
+        cs.store(group="model", name=name, node={**dataclasses.asdict(flavor), "patch_dim": PATCH_DIM})
+
+
+def group_options(group: str) -> list[str]:
+    """Options of a config group registered in the ConfigStore (model flavors)."""
+    from hydra.core.config_store import ConfigStore
+
+    register_configs()
+    try:
+        entries = ConfigStore.instance().list(group)
+    except (OSError, ValueError):
+        return []
+    return sorted(e[:-len(".yaml")] for e in entries if e.endswith(".yaml"))
+
+
+def to_job_config(cfg: DictConfig) -> JobConfig:
+    """Composed DictConfig -> validated dataclasses (raises ConfigError with one line)."""
+    if "hydra" in cfg:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("hydra")
+    _reject_unknown_keys(cfg, JobConfig, "")
+    job = OmegaConf.to_object(cfg)
+    if not isinstance(job, JobConfig):
+        raise ConfigError("the composed config is not a JobConfig (configs/config.yaml must start from job_schema)")
+    job.validate()
+    return job
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """``+key=value`` can add keys that no schema declares; to_object would drop them silently."""
+    fields = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in fields:
+            raise ConfigError(f"unknown key '{prefix}{key}' (not a field of {schema.__name__})")
+        sub = fields[key]
+        if dataclasses.is_dataclass(sub) and isinstance(node[key], DictConfig):
+            _reject_unknown_keys(node[key], sub, f"{prefix}{key}.")
+
+

@@ -1,0 +1,1 @@
+# Synthetic generators of the embedded data (captioned shapes: images, videos, documents).

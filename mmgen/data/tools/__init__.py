@@ -1,0 +1,1 @@
+# Offline data tools (check, index, stats, preview, recipes): not on the training path.
