@@ -4,12 +4,13 @@
 
 How resume stays exact (README.md, "Resume"):
 
-* A *logical worker* w in 0..W-1 (W = max(1, num_workers)) of stream r is reader
-  ``g = r + world_size * w`` of ``R = world_size * W``. A stream is a rank's sequence of
-  micro-batches: with ``grad_accum`` A > 1 a rank reads A streams (``streams.AccumLoader``),
-  and ``rank``/``world_size`` below mean the stream index and the number of streams. For every
-  source it reads a fixed
-  sub-stream: in each epoch the items ``epoch_items(shards, seed, epoch, g, R)``, each in its
+* A *logical worker* w in 0..W-1 (W = max(1, num_workers)) of stream s (of S streams) is
+  reader ``g = s + S * w`` of ``R = S * W``. A stream is a rank's sequence of micro-batches:
+  with ``grad_accum`` A > 1 a rank reads A streams (``streams.AccumLoader``); saved states
+  keep the v1 keys ``rank``/``world_size`` for the stream index and the number of streams.
+  Names: a *stream* is such a micro-batch sequence, a *reader* (``_SourceReader``) reads one
+  source for one logical worker, a *mixer* (``_WorkerMixer``) mixes a worker's readers. For
+  every source a reader reads a fixed sub-sequence: in each epoch the items ``epoch_items(shards, seed, epoch, g, R)``, each in its
   permuted sample order.
 * Its state is, per source, a cursor (epoch, item index, sample offset) of the first sample
   **not in any emitted batch**, plus the mixing generator's state before the draw of that
@@ -59,18 +60,19 @@ class _Source:
 
 @dataclass
 class _Layout:
-    """Who reads: this stream (a rank's micro-batch sequence; = the rank unless grad_accum > 1),
-    the number of streams and of logical workers per stream."""
-    rank: int
-    world_size: int
+    """Who reads: this data stream (a rank's micro-batch sequence; = the data-parallel rank
+    unless grad_accum > 1), the number of streams and of logical workers per stream. (Saved
+    states keep the v1 keys "rank" / "world_size" for the stream and the number of streams.)"""
+    stream: int
+    num_streams: int
     num_workers: int       # logical workers (>= 1)
 
     @property
     def num_readers(self) -> int:
-        return self.world_size * self.num_workers
+        return self.num_streams * self.num_workers
 
     def reader(self, worker: int) -> int:
-        return reader_index(self.rank, self.world_size, worker)
+        return reader_index(self.stream, self.num_streams, worker)
 
 
 def _fresh_worker_state(sources: list[_Source]) -> dict:
@@ -81,7 +83,7 @@ def _fresh_worker_state(sources: list[_Source]) -> dict:
 # One source's documents for one logical worker, with an explicit state
 # ----------------------------------------------------------------------------------------------
 
-class _SourceStream:
+class _SourceReader:
     """Stages 2-8 for one (source, logical worker): items -> samples -> decode -> documents.
 
     ``state()`` is always "the next sample to read, and the counters so far", so a snapshot taken
@@ -243,25 +245,25 @@ class _SourceStream:
         return doc
 
 
-class _WorkerStream:
+class _WorkerMixer:
     """All sources of one logical worker, mixed per document by the worker's own generator."""
 
     def __init__(self, cfg: DataConfig, tokenizer, sources: list[_Source], weights: dict,
                  layout: _Layout, worker: int, state: dict, resplits: int):
         single = len(sources) == 1
-        self.streams = {s.name: _SourceStream(cfg, tokenizer, s, layout, worker,
+        self.readers = {s.name: _SourceReader(cfg, tokenizer, s, layout, worker,
                                               state["sources"].get(s.name) or fresh_source_state(),
                                               single)
                         for s in sources}
-        self.mixer = Mixer(weights, (cfg.seed, layout.rank, layout.world_size, worker, resplits),
+        self.mixer = Mixer(weights, (cfg.seed, layout.stream, layout.num_streams, worker, resplits),
                            state.get("mix"))
 
     def state(self) -> dict:
         return {"mix": self.mixer.state(),
-                "sources": {n: s.state() for n, s in self.streams.items()}}
+                "sources": {n: s.state() for n, s in self.readers.items()}}
 
     def next_doc(self) -> Document:
-        return self.streams[self.mixer.choose()].next_doc()
+        return self.readers[self.mixer.choose()].next_doc()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,13 +292,13 @@ class PackedBatchDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[MultimodalBatch]:
         worker = self._logical_worker()
-        stream = _WorkerStream(self.cfg, self.tokenizer, self.sources, self.weights, self.layout,
-                               worker, self.start[worker], self.resplits)
+        mixer = _WorkerMixer(self.cfg, self.tokenizer, self.sources, self.weights, self.layout,
+                              worker, self.start[worker], self.resplits)
         packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)
         patch_dim = self.cfg.patch_size**2 * 3
         while True:
-            before = stream.state()
-            doc = stream.next_doc()
+            before = mixer.state()
+            doc = mixer.next_doc()
             if packer.add(doc):
                 continue
             # `doc` starts the next batch: it is the first document not in this one
@@ -381,8 +383,8 @@ class MultimodalLoader:
         """Plain JSON-serialisable dict (see README.md, "State dict")."""
         L = self.layout
         return {
-            "version": STATE_VERSION, "split": self.split_name, "rank": L.rank,
-            "world_size": L.world_size, "num_workers": L.num_workers, "seed": self.cfg.seed,
+            "version": STATE_VERSION, "split": self.split_name, "rank": L.stream,
+            "world_size": L.num_streams, "num_workers": L.num_workers, "seed": self.cfg.seed,
             "shuffle_samples": self.cfg.shuffle_samples,
             "sources": {s.name: {"type": s.type, "num_shards": len(s.shards),
                                  "shards_fingerprint": shard_fingerprint(s.shards)}
@@ -439,7 +441,7 @@ class MultimodalLoader:
             check_compatible(s, mine)
         old = states[0]
         if (old["world_size"], old["num_workers"]) == (mine["world_size"], mine["num_workers"]):
-            self.load_state_dict(states[self.layout.rank])   # same layout: exact resume
+            self.load_state_dict(states[self.layout.stream])   # same layout: exact resume
             return
         L = self.layout
         per_source = {s.name: resplit(states, s.name, s.names, self.cfg.seed, L.num_readers)
@@ -450,10 +452,10 @@ class MultimodalLoader:
         self._batches = int(old["batches"])
         self._rotation = 0
         self._resplits = max(int(s.get("resplits", 0)) for s in states) + 1
-        self._totals = Counter(states[L.rank]["totals"]) if L.rank < len(states) else Counter()
+        self._totals = Counter(states[L.stream]["totals"]) if L.stream < len(states) else Counter()
         log.info("data: re-split the stream of %d ranks x %d workers onto %d ranks x %d workers "
-                 "(rank %d)", old["world_size"], old["num_workers"], L.world_size, L.num_workers,
-                 L.rank)
+                 "(rank %d)", old["world_size"], old["num_workers"], L.num_streams, L.num_workers,
+                 L.stream)
 
     def stats(self) -> dict:
         """Counters since the start of training (restored on resume): samples read and skipped
@@ -466,4 +468,4 @@ class MultimodalLoader:
         L = self.layout
         return (state is not None and "streams" not in state
                 and (state.get("rank"), state.get("world_size"), state.get("num_workers"))
-                == (L.rank, L.world_size, L.num_workers))
+                == (L.stream, L.num_streams, L.num_workers))
