@@ -1,4 +1,4 @@
-# Hydra/OmegaConf composition of the job schema (mmgen/config.py); used by the entry points only.
+# Hydra/OmegaConf composition of the job schema (mmgen/trainer/job.py); used by the entry points only.
 """Registers the root schema and the model flavors (``mmgen.models.FLAVORS``, the one flavor
 registry: ``model=<flavor>``) in Hydra's ConfigStore, and turns a composed DictConfig into the
 validated ``JobConfig`` dataclasses, rejecting keys that no schema declares."""
@@ -9,7 +9,8 @@ import typing
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mmgen.config import ConfigError, JobConfig
+from mmgen.errors import ConfigError
+from mmgen.trainer.job import JobConfig
 
 # model.patch_dim follows data.patch_size (resolver registered by mmgen.cli.preflight)
 PATCH_DIM = "${patch_dim:${data.patch_size}}"

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from mmgen.cli.preflight import check_overrides, config_dir, register_resolvers
 from mmgen.compose import register_configs, to_job_config
-from mmgen.config import ConfigError
+from mmgen.errors import ConfigError
 
 register_resolvers()
 register_configs()

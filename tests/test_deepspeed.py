@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from mmgen.cli.preflight import compose_job
-from mmgen.config import ConfigError
+from mmgen.errors import ConfigError
 from tests.conftest import BIN, ROOT, data_overrides, run_cli
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmgen.cli.preflight import compose_job
-from mmgen.config import ConfigError
+from mmgen.errors import ConfigError
 from tests.conftest import BIN, data_overrides, run_cli
 from tests.test_trainer import TINY, losses
 

@@ -16,7 +16,7 @@ def _load_run(run: str, overrides: list[str] | None = None):
 
     from mmgen.checkpoint.export import find_checkpoint, load_model_weights
     from mmgen.cli.preflight import register_resolvers
-    from mmgen.config import JobConfig
+    from mmgen.trainer.job import JobConfig
     from mmgen.models import build_model
 
     register_resolvers()

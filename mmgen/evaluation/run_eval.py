@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mmgen.config import JobConfig
+from mmgen.trainer.job import JobConfig
 
 log = logging.getLogger(__name__)
 

@@ -121,7 +121,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_records(launch_dir: Path, record: dict, job, script: str | None = None) -> None:
     """launch.json, config.yaml and (Slurm) job.sbatch; earlier submissions are kept."""
-    from mmgen.config import to_yaml
+    from mmgen.trainer.job import to_yaml
 
     launch_dir.mkdir(parents=True, exist_ok=True)
     old = launch_dir / "launch.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mmgen.config import JobConfig, to_yaml
+from mmgen.trainer.job import JobConfig, to_yaml
 from mmgen.parallel.dist import DistInfo, barrier, init_distributed, shutdown
 
 log = logging.getLogger("mmgen")

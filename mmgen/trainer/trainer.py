@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mmgen.checkpoint.manager import CheckpointManager
-from mmgen.config import JobConfig
+from mmgen.trainer.job import JobConfig
 from mmgen.data import build_dataloader
 from mmgen.data.streams import stream_index
 from mmgen.metrics.logger import MetricsLogger, detect_peak_tflops

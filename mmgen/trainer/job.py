@@ -1,7 +1,7 @@
-# The job's typed configuration: component schemas composed by Hydra, resolved once here.
+# The job schema (the trainer's input): component configs assembled, cross-field checks.
 """``JobConfig`` is the root schema. Each component owns its dataclass next to its code
 (STYLE habit 4); this module only assembles them and runs the cross-field checks. Composition
-(Hydra, OmegaConf) lives beside it in ``mmgen/compose.py``, which only the entry points use:
+(Hydra, OmegaConf) lives in ``mmgen/compose.py``, which only the entry points use:
 nothing below them sees a DictConfig, and this schema imports neither.
 """
 from __future__ import annotations
