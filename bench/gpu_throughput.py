@@ -45,7 +45,7 @@ GPU = ["experiment=gpu_1b"]
 
 
 def run_baseline(path: str, args: list[str] = ()) -> dict:
-    out = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, timeout=900, check=False)
     line = next((l for l in out.stdout.splitlines() if l.startswith("SUMMARY ")), None)
     if line is None:
         raise RuntimeError(f"baseline printed no SUMMARY:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
@@ -66,7 +66,7 @@ def run_mmgen(steps: int, overrides: list[str], data: str, warmup: int) -> dict:
            f"trainer.steps={steps}", "trainer.log_every=1", "metrics.progress=false",
            f"data.train_shards={data}/train", f"data.val_shards={data}/val", *overrides]
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if r.returncode:
         raise RuntimeError(f"mmgen-train failed:\n{r.stderr[-4000:]}")
     recs = [json.loads(l) for l in (ROOT / "runs" / name / "metrics.jsonl").read_text().splitlines()]
@@ -117,7 +117,7 @@ def baseline_batch(layout: dict, vocab_size: int, tokenizer, seed: int = 0):
 
     gen = torch.Generator().manual_seed(seed)
     length, patch_dim = layout["length"], layout["patch_dim"]
-    text = lambda n: torch.randint(0, vocab_size, (n,), generator=gen).tolist()  # noqa: E731
+    text = lambda n: torch.randint(0, vocab_size, (n,), generator=gen).tolist()
     rows = []
     for _ in range(layout["rows"]):
         doc, pos = [], 0
@@ -189,7 +189,6 @@ def _like_for_like(a: argparse.Namespace, run_dir: str) -> dict:
     import torch
 
     from mmgen.cli.preflight import compose_job
-    from mmgen.metrics.flops import attention_pairs, batch_work, training_flops
     from mmgen.metrics.logger import detect_peak_tflops
     from mmgen.models import num_params
     from mmgen.models.tokenizers.text import build_tokenizer
@@ -230,23 +229,34 @@ def _like_for_like(a: argparse.Namespace, run_dir: str) -> dict:
              "num_params": num_params(trainer.engine.module), "trainer_perf": ours["trainer_perf"],
              "losses": ours["losses"]}
 
-    baselines = {}
-    for name, r in base.items():
-        layout = r["layout"]
-        # each run's work on the equivalent batch: its own layout, its own mask
-        equivalent = baseline_batch(layout, m.vocab_size, tokenizer)
-        work = batch_work(equivalent)
-        if layout["mask"] == "causal":
-            no_spans = equivalent.span_ids.new_full(equivalent.span_ids.shape, -1)
-            work = dataclasses.replace(work, attention_pairs=attention_pairs(equivalent.document_ids, no_spans))
-        baselines[name] = {**rates(training_flops(m, work), work.tokens, work.positions, r["step_s"], peak),
-                           "params": r["params"], "layout": layout, "max_mem_gib": r["max_mem_GiB"]}
+    baselines = {name: count_baseline(r, m, tokenizer, peak) for name, r in base.items()}
     b = baselines[ref]
     result = {"mode": "like_for_like", "device": str(dist.device), "shape": shape, "peak_tflops": peak,
               "model": dataclasses.asdict(m), "mmgen": mmgen, "baseline": baselines, "reference": ref,
               "same_work": mmgen["flops_per_step"] == b["flops_per_step"],
               "ratio_tokens_per_s": mmgen["tokens_per_s"] / b["tokens_per_s"],
               "ratio_model_tflops": mmgen["model_tflops"] / b["model_tflops"]}
+    print_like_for_like(result)
+    return result
+
+
+def count_baseline(r: dict, cfg, tokenizer, peak: float) -> dict:
+    """A baseline run's rates, its work counted by mmgen.metrics.flops on the equivalent batch
+    of the layout it reports, with its own mask (causal runs have no bidirectional image pairs)."""
+    from mmgen.metrics.flops import attention_pairs, batch_work, training_flops
+
+    layout = r["layout"]
+    equivalent = baseline_batch(layout, cfg.vocab_size, tokenizer)
+    work = batch_work(equivalent)
+    if layout["mask"] == "causal":
+        no_spans = equivalent.span_ids.new_full(equivalent.span_ids.shape, -1)
+        work = dataclasses.replace(work, attention_pairs=attention_pairs(equivalent.document_ids, no_spans))
+    return {**rates(training_flops(cfg, work), work.tokens, work.positions, r["step_s"], peak),
+            "params": r["params"], "layout": layout, "max_mem_gib": r["max_mem_GiB"]}
+
+
+def print_like_for_like(result: dict) -> None:
+    mmgen, baselines, ref = result["mmgen"], result["baseline"], result["reference"]
     print(f"{'':40s}{'step s':>9s}{'tokens/s':>11s}{'positions/s':>12s}{'TFLOP/s':>9s}{'MFU':>7s}{'GFLOP/step':>12s}")
     for name, row in [*((f"baseline {n}", r) for n, r in baselines.items()), ("mmgen (Trainer step)", mmgen)]:
         mfu = f"{row['mfu']:7.3f}" if row["mfu"] is not None else f"{'-':>7s}"
@@ -254,7 +264,6 @@ def _like_for_like(a: argparse.Namespace, run_dir: str) -> dict:
               f"{row['model_tflops']:9.3f}{mfu}{row['flops_per_step'] / 1e9:12.3f}")
     print(f"ratio mmgen / baseline {ref}: tokens/s {result['ratio_tokens_per_s']:.3f}, "
           f"model TFLOP/s {result['ratio_model_tflops']:.3f} (same counted work: {result['same_work']})")
-    return result
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ def test_like_for_like_tiny_on_cpu(tmp_path):
     out = tmp_path / "result.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_throughput.py"), "--like-for-like", "--tiny",
                         "--device", "cpu", "--steps", "5", "--warmup", "2", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     shape, ours, base = res["shape"], res["mmgen"], res["baseline"]

@@ -4,11 +4,17 @@ import random
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from mmgen.data.batch import IGNORE_INDEX
-from mmgen.metrics.flops import (BatchWork, attention_pairs, batch_work, forward_flops, mask_pairs,
-                                 training_flops)
+from mmgen.metrics.flops import (
+    BatchWork,
+    attention_pairs,
+    batch_work,
+    forward_flops,
+    mask_pairs,
+    training_flops,
+)
 from mmgen.models import build_model
 from mmgen.models.attention import build_dense_mask
 from mmgen.models.config import ModelConfig
