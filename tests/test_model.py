@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmgen.batch import IGNORE_INDEX
-from mmgen.models import FLAVORS, UnifiedTransformer, build_model, flops_per_token, num_params
+from mmgen.models import FLAVORS, UnifiedTransformer, build_model, num_params
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.objectives import ObjectiveConfig, build_objective, weighted_total
 from mmgen.sampling.batching import image_to_text_doc, pack_rows, text_to_image_doc
@@ -123,14 +123,13 @@ def test_text_is_causal_and_spans_are_bidirectional():
     assert delta[doc0:].max() == 0
 
 
-def test_num_params_and_flops():
+def test_num_params():
     model = build_model(CFG)
     total = sum(p.numel() for p in model.parameters())
     emb = sum(p.numel() for n, p in model.named_parameters()
               if "tok_embeddings" in n or "visual_pos" in n)
     assert num_params(model, exclude_embedding=False) == total
     assert num_params(model) == total - emb
-    assert flops_per_token(CFG, 64) == 6 * num_params(model) + 12 * CFG.n_layers * CFG.dim * 64
     with torch.device("meta"):
         small = UnifiedTransformer(FLAVORS["small"])
         big = UnifiedTransformer(FLAVORS["1b"])

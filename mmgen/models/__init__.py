@@ -53,12 +53,4 @@ def num_params(model: nn.Module, exclude_embedding: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token, PaLM accounting: 6 N + 12 L d T (attention as if full)."""
-    with torch.device("meta"):
-        n = num_params(UnifiedTransformer(cfg))
-    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
-
-
-__all__ = ["FLAVORS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model",
-           "flops_per_token", "num_params"]
+__all__ = ["FLAVORS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model", "num_params"]

@@ -17,8 +17,9 @@ from mmgen.checkpoint.manager import CheckpointManager
 from mmgen.trainer.job import JobConfig
 from mmgen.data import build_dataloader
 from mmgen.data.streams import stream_index
+from mmgen.metrics.flops import training_flops
 from mmgen.metrics.logger import MetricsLogger, detect_peak_tflops
-from mmgen.models import build_model, flops_per_token, num_params
+from mmgen.models import build_model, num_params
 from mmgen.models.tokenizers.text import build_tokenizer
 from mmgen.objectives import build_objective, weighted_total
 from mmgen.optim import build_scheduler
@@ -41,11 +42,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def new_window() -> dict:
-    return {"tokens": 0.0, "step_s": 0.0, "wait_s": 0.0, "steps": 0}
+    return {"tokens": 0.0, "positions": 0.0, "flops": 0.0, "step_s": 0.0, "wait_s": 0.0, "steps": 0}
 
 
-def add_to_window(w: dict, tokens: float, step_s: float, wait_s: float) -> dict:
-    return {"tokens": w["tokens"] + tokens, "step_s": w["step_s"] + step_s,
+def add_to_window(w: dict, tokens: float, step_s: float, wait_s: float, work: dict) -> dict:
+    """``work``: this rank's ``positions`` and model ``flops`` of the step (next_batches)."""
+    return {"tokens": w["tokens"] + tokens, "positions": w["positions"] + work["positions"],
+            "flops": w["flops"] + work["flops"], "step_s": w["step_s"] + step_s,
             "wait_s": w["wait_s"] + wait_s, "steps": w["steps"] + 1}
 
 
@@ -93,7 +96,6 @@ class Trainer:
         self.engine = build_engine(model, job.parallel, job.optim, self.dist, micro_batch_size=job.data.batch_size,
                                    grad_accum=job.trainer.grad_accum, precision=job.trainer.precision)
         self.scheduler = build_scheduler(job.optim, self.engine.optimizer, job.trainer.steps)
-        self.flops_per_token = flops_per_token(job.model, job.data.seq_len)
         log.info("model %s: %.2fM parameters (non-embedding), %s", job.model.name,
                  self.num_params / 1e6, dev)
 
@@ -164,11 +166,11 @@ class Trainer:
         try:
             while self.state.step < end:
                 t0 = time.perf_counter()
-                step_input, wait = self.next_batches()
+                step_input, wait, work = self.next_batches()
                 stats = self.train_step(step_input)
                 self.state.step += 1
                 self.state.elapsed_s = time.time() - self.start_time
-                self.window = add_to_window(self.window, stats.pop("_tokens"), time.perf_counter() - t0, wait)
+                self.window = add_to_window(self.window, stats.pop("_tokens"), time.perf_counter() - t0, wait, work)
                 if self.after_step(stats, end):
                     break
             if self.job.checkpoint.enabled and not self.ckpt_is_current():
@@ -208,19 +210,22 @@ class Trainer:
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def next_batches(self):
-        """``grad_accum`` micro-batches on the device, with their loss counts and token counts
-        taken on the host first (no device sync for bookkeeping)."""
+        """``grad_accum`` micro-batches on the device, with their loss counts, token counts and
+        model FLOPs (mmgen.metrics.flops) taken on the host first (no device sync for bookkeeping)."""
         t0 = time.perf_counter()
         dev = self.dist.device
         batches, counts, tokens = [], [], 0
+        work = {"positions": 0, "flops": 0}
         for i in range(self.job.trainer.grad_accum):
             b = next(self.data_iter)
             if self.key_log is not None:
                 self.record_keys(i, b)
             counts.append(self.objective.local_counts(b))
             tokens += b.num_tokens()
+            work["positions"] += b.tokens.numel()
+            work["flops"] += training_flops(self.job.model, b)
             batches.append(b.to(dev, non_blocking=True))
-        return (batches, counts, tokens), time.perf_counter() - t0
+        return (batches, counts, tokens), time.perf_counter() - t0, work
 
     def record_keys(self, micro: int, batch) -> None:
         """One JSON line per micro-batch: step, stream, logical worker, and (source, epoch, key)
@@ -297,13 +302,20 @@ class Trainer:
         return out
 
     def perf_stats(self, window: dict) -> dict:
-        """Throughput over the steps since the last record (not just the last step)."""
-        tps = window["tokens"] / max(window["step_s"], 1e-9)
-        out = {"perf/tokens_per_s": tps, "perf/step_s": window["step_s"] / max(window["steps"], 1),
-               "perf/data_wait_frac": window["wait_s"] / max(window["step_s"], 1e-9),
+        """Throughput over the steps since the last record (not just the last step): tokens
+        (non-padding) and positions (all) per second, model TFLOP/s counted from the batches
+        (summed over ranks) and MFU against the peak of all ranks' devices."""
+        step_s = max(window["step_s"], 1e-9)
+        # positions and FLOPs were counted per rank: summed here, once per record, not per step
+        positions, flops = all_reduce_sum(torch.tensor(
+            [window["positions"], window["flops"]], dtype=torch.float64, device=self.dist.device)).tolist()
+        out = {"perf/tokens_per_s": window["tokens"] / step_s, "perf/positions_per_s": positions / step_s,
+               "perf/model_tflops": flops / step_s / 1e12,
+               "perf/step_s": window["step_s"] / max(window["steps"], 1),
+               "perf/data_wait_frac": window["wait_s"] / step_s,
                "progress/tokens_seen": self.state.tokens_seen}
         if self.peak_tflops:
-            out["perf/mfu"] = self.flops_per_token * tps / (self.peak_tflops * 1e12 * self.dist.world_size)
+            out["perf/mfu"] = out["perf/model_tflops"] / (self.peak_tflops * self.dist.world_size)
         if self.dist.device.type == "cuda":
             out["perf/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return out

@@ -1,0 +1,144 @@
+# Model FLOPs of a training step counted from the batch (DESIGN.md contract 8), for MFU and baselines.
+"""The work the model must do on *this* batch, not a per-token estimate.
+
+Counting rules (one convention, so numbers compare across families, layouts and baselines):
+
+* A matmul of ``n`` input rows of width ``a`` with an ``[a, b]`` weight is ``2 n a b`` FLOPs.
+  Biases, norms, RoPE, softmax, activations and embedding lookups are elementwise (O(n d)) and
+  not counted.
+* Trunk linear layers (attention q/k/v/o with their GQA widths, the three SwiGLU matmuls) run
+  once per **non-padding** position. The dense kernels also compute padding, but that is not
+  model work, so a badly packed batch shows up as lower MFU.
+* Each head only where it runs: the text (LM) head at positions with a next-token target
+  (``targets != IGNORE_INDEX``), the visual input projection ``patch_in`` and the visual head
+  ``visual_out`` at continuous visual positions, the timestep MLP once per span.
+* Attention per **allowed** (query, key) pair of the mask, per layer: QK^T and AV are two
+  matmuls of ``2 * head_dim`` FLOPs per pair and query head, so ``4 * head_dim * n_heads``.
+  Under GQA every query head still scores every key, so it is ``n_heads``, not ``n_kv_heads``.
+  Pairs follow the rule of ``mmgen/models/attention.py`` (same document, causal, plus full
+  attention inside a span); the self-pair a padding position keeps (so no softmax row is
+  empty) is not counted.
+* Training = forward + backward = 3 x forward (the backward computes gradients with respect
+  to the inputs and to the weights, each costing one forward). Recomputation by activation
+  checkpointing is work the hardware does, not model FLOPs: MFU does not rise when it is on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmgen.batch import IGNORE_INDEX, MultimodalBatch
+from mmgen.models.config import ModelConfig
+
+# forward + backward (inputs and weights); see the module docstring
+TRAINING_MULTIPLIER = 3
+
+
+@dataclass(frozen=True)
+class BatchWork:
+    """What a batch asks of the model, in counts (no model shape involved).
+
+    Args:
+        positions: all positions, padding included (``B * L``).
+        tokens: non-padding positions (the trunk's linear layers run here).
+        text_targets: positions where the text head runs.
+        visual_positions: continuous visual positions (``patch_in`` and ``visual_out``).
+        spans: timestep MLP evaluations (one per span of the span table).
+        attention_pairs: allowed (query, key) pairs of the mask, padding excluded.
+    """
+
+    positions: int
+    tokens: int
+    text_targets: int
+    visual_positions: int
+    spans: int
+    attention_pairs: int
+
+
+def attention_pairs(document_ids: torch.Tensor, span_ids: torch.Tensor) -> int:
+    """Allowed (query, key) pairs of the mask rule in ``mmgen.models.attention``, by arithmetic.
+
+    A document of ``n`` positions gives ``n (n + 1) / 2`` causal pairs wherever its positions
+    lie in the row (query ``q`` sees the keys of its document at or before it); positions of one
+    span inside one document add the ``m (m - 1) / 2`` pairs with the key after the query.
+    O(B * L) on the host instead of materialising ``B * L * L`` booleans.
+
+    Args:
+        document_ids: ``[B, L]`` long, -1 for padding.
+        span_ids: ``[B, L]`` long, -1 outside visual spans.
+    """
+    document_ids, span_ids = document_ids.cpu(), span_ids.cpu()
+    valid = document_ids >= 0
+    if not valid.any():
+        return 0
+    # document ids are only unique within a row: key each document by (row, id) in one integer
+    stride = int(document_ids.max()) + 1
+    doc_key = torch.arange(document_ids.shape[0])[:, None] * stride + document_ids
+    n = torch.bincount(doc_key[valid])
+    in_span = valid & (span_ids >= 0)
+    # a span id names one span of the batch; keyed with its document in case it crossed one
+    span_key = span_ids * (stride * document_ids.shape[0]) + doc_key
+    _, m = torch.unique(span_key[in_span], return_counts=True)
+    return int((n * (n + 1) // 2).sum() + (m * (m - 1) // 2).sum())
+
+
+def mask_pairs(mask: torch.Tensor, document_ids: torch.Tensor | None = None) -> int:
+    """Allowed pairs of an arbitrary boolean mask (True = attend), e.g. a dense SDPA mask.
+
+    Args:
+        mask: ``[B, 1, L, L]`` or ``[B, L, L]`` bool, query along dim -2, key along dim -1.
+        document_ids: ``[B, L]``; when given, rows of padding queries (``-1``) are not counted.
+    """
+    mask = mask.reshape(-1, *mask.shape[-2:]) if mask.dim() == 4 else mask
+    if document_ids is not None:
+        mask = mask & (document_ids >= 0)[:, :, None].to(mask.device)
+    return int(mask.sum())
+
+
+def batch_work(batch: MultimodalBatch) -> BatchWork:
+    """The counts of :class:`BatchWork` for ``batch``; reads host tensors (no device sync when
+    called before ``batch.to(device)``).
+
+    Args:
+        batch: a packed batch.
+    """
+    return BatchWork(
+        positions=batch.tokens.numel(),
+        tokens=int((batch.document_ids >= 0).sum()),
+        text_targets=int((batch.targets != IGNORE_INDEX).sum()),
+        visual_positions=int(batch.continuous_mask().sum()),
+        spans=len(batch.spans),
+        attention_pairs=attention_pairs(batch.document_ids, batch.span_ids))
+
+
+def forward_flops(cfg: ModelConfig, work: BatchWork) -> dict[str, int]:
+    """Forward FLOPs of ``work`` on the model shape ``cfg``, by part (the module docstring's rules).
+
+    Args:
+        cfg: the model shape.
+        work: what the batch asks (:func:`batch_work`).
+    """
+    d, hd = cfg.dim, cfg.head_dim
+    q_width, kv_width = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    per_position = (2 * d * q_width + 2 * 2 * d * kv_width + 2 * q_width * d   # q, k, v, o
+                    + 3 * 2 * d * cfg.ffn_dim)                                # SwiGLU w1, w3, w2
+    return {
+        "linear": cfg.n_layers * per_position * work.tokens,
+        "attention": cfg.n_layers * 2 * 2 * hd * cfg.n_heads * work.attention_pairs,
+        "text_head": 2 * d * cfg.vocab_size * work.text_targets,
+        "visual_in": 2 * cfg.patch_dim * d * work.visual_positions,
+        "visual_head": 2 * d * cfg.patch_dim * work.visual_positions,
+        "timestep": 2 * (cfg.timestep_dim * d + d * d) * work.spans,
+    }
+
+
+def training_flops(cfg: ModelConfig, batch: MultimodalBatch | BatchWork) -> int:
+    """Model FLOPs of one training pass (forward + backward) over ``batch``.
+
+    Args:
+        cfg: the model shape.
+        batch: a packed batch, or its :class:`BatchWork` (e.g. with another pair count).
+    """
+    work = batch if isinstance(batch, BatchWork) else batch_work(batch)
+    return TRAINING_MULTIPLIER * sum(forward_flops(cfg, work).values())

@@ -1,0 +1,137 @@
+# Model FLOPs counted from the batch: hand counts, the dense mask as brute force, the classic 6NT case.
+import dataclasses
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from mmgen.batch import IGNORE_INDEX
+from mmgen.metrics.flops import (
+    BatchWork,
+    attention_pairs,
+    batch_work,
+    forward_flops,
+    mask_pairs,
+    training_flops,
+)
+from mmgen.models import build_model
+from mmgen.models.attention import build_dense_mask
+from mmgen.models.config import ModelConfig
+from mmgen.models.tokenizers.text import ByteTokenizer
+from mmgen.sampling.batching import VisualSpan, pack_rows
+
+TOK = ByteTokenizer()
+# small enough to count by hand: head_dim 4, GQA with 2 query heads sharing 1 key/value head
+HAND = ModelConfig(dim=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=16, vocab_size=300,
+                   patch_dim=12, timestep_dim=4)
+
+
+def image(grid, patch_dim=12, is_target=True):
+    return VisualSpan(torch.zeros(grid[0] * grid[1] * grid[2], patch_dim), grid, is_target)
+
+
+def hand_batch(seq_len=16):
+    """Row 0: a 5-token text document, then [BOS BOI] <2x2 image> [EOI] (7 positions), then
+    padding to ``seq_len``."""
+    docs = [[[1, 2, 3, 4, 5]], [[TOK.bos, TOK.boi], image((1, 2, 2)), [TOK.eoi]]]
+    return pack_rows([docs], TOK, seq_len)
+
+
+def test_hand_count_text_doc_image_doc_and_padding():
+    batch = hand_batch()
+    work = batch_work(batch)
+    # positions 16; tokens 5 + 7 = 12. Targets: 4 in the text doc (the last token has no next),
+    # 1 in the image doc (BOS -> BOI; BOI precedes the span, EOI ends the document).
+    # Pairs: text doc 5*6/2 = 15; image doc 7*8/2 = 28 causal + 4*3/2 = 6 inside the span;
+    # the 4 padding self-pairs are not counted.
+    assert work == BatchWork(positions=16, tokens=12, text_targets=5, visual_positions=4, spans=1,
+                             attention_pairs=15 + 28 + 6)
+    parts = forward_flops(HAND, work)
+    # per position and layer: q 2*8*8 = 128, k 2*8*4 = 64, v 64, o 2*8*8 = 128,
+    # SwiGLU 3 * 2*8*16 = 768 -> 1152; x 2 layers x 12 tokens
+    assert parts["linear"] == 1152 * 2 * 12 == 27648
+    # per pair and layer: (QK^T + AV) 2 * 2 FLOPs * head_dim 4 * 2 query heads = 32
+    assert parts["attention"] == 32 * 2 * 49 == 3136
+    assert parts["text_head"] == 2 * 8 * 300 * 5 == 24000
+    assert parts["visual_in"] == parts["visual_head"] == 2 * 12 * 8 * 4 == 768
+    assert parts["timestep"] == 2 * (4 * 8 + 8 * 8) * 1 == 192
+    assert training_flops(HAND, batch) == 3 * (27648 + 3136 + 24000 + 768 + 768 + 192) == 169536
+
+
+def test_padding_costs_no_model_flops():
+    short, long = hand_batch(16), hand_batch(40)
+    assert batch_work(long).positions == 40
+    assert training_flops(HAND, long) == training_flops(HAND, short)
+
+
+def test_hand_count_two_rows_gqa_and_an_empty_row():
+    """Row 0: a text doc of 3 and a text doc of 2; row 1: only padding."""
+    batch = pack_rows([[[[7, 8, 9]], [[10, 11]]], []], TOK, 8, patch_dim=12)
+    work = batch_work(batch)
+    assert work == BatchWork(positions=16, tokens=5, text_targets=2 + 1, visual_positions=0,
+                             spans=0, attention_pairs=3 * 4 // 2 + 2 * 3 // 2)
+    # no GQA: k and v widen from 4 to 8, 2 * 2*8*4 = 128 more FLOPs per position and layer
+    mha = dataclasses.replace(HAND, n_kv_heads=2)
+    diff = forward_flops(mha, work)["linear"] - forward_flops(HAND, work)["linear"]
+    assert diff == 128 * 2 * 5
+    assert forward_flops(HAND, work)["attention"] == forward_flops(mha, work)["attention"] == 32 * 2 * 9
+
+
+def random_rows(rng: random.Random, n_rows: int, seq_len: int):
+    rows = []
+    for _ in range(n_rows):
+        row, used = [], 0
+        while True:
+            doc = [[rng.randrange(256) for _ in range(rng.randint(1, 6))]]
+            for _ in range(rng.randint(0, 2)):
+                doc += [image((1, rng.randint(1, 3), rng.randint(1, 3)), is_target=rng.random() < 0.5),
+                        [rng.randrange(256) for _ in range(rng.randint(0, 3))]]
+            size = sum(len(s) for s in doc)
+            if used + size > seq_len - rng.randint(0, 3):    # leave some rows padded
+                break
+            row.append(doc)
+            used += size
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pair_count_equals_dense_mask_brute_force(seed):
+    rng = random.Random(seed)
+    batch = pack_rows(random_rows(rng, 3, 48), TOK, 48, patch_dim=12)
+    mask = build_dense_mask(batch.document_ids, batch.span_ids)
+    pairs = attention_pairs(batch.document_ids, batch.span_ids)
+    assert pairs == mask_pairs(mask, batch.document_ids)
+    # the dense mask's only other True entries are the padding self-pairs
+    assert int(mask.sum()) == pairs + int((batch.document_ids < 0).sum())
+    assert len(batch.spans) > 0 and int((batch.document_ids.max(1).values >= 1).sum()) > 0
+
+
+def test_non_contiguous_document_follows_the_mask_rule():
+    """The arithmetic does not assume a document is contiguous: ids interleaved by hand."""
+    doc = torch.tensor([[0, 1, 0, 1, 0, -1]])
+    span = torch.tensor([[-1, 0, -1, 0, -1, -1]])
+    assert attention_pairs(doc, span) == mask_pairs(build_dense_mask(doc, span), doc) == 6 + 3 + 1
+
+
+def test_one_causal_document_with_logits_everywhere_is_6NT_plus_causal_attention():
+    """The textbook case: a dense LM step is 6 N T FLOPs (N: matmul weights that each token
+    passes through; 2 per weight forward, 4 backward) plus attention, here causal."""
+    cfg = ModelConfig()  # the debug flavor: GQA, qk-norm (norms are not matmuls)
+    b, t = 2, 32
+    rows = [[[[random.Random(r).randrange(256) for _ in range(t)]]] for r in range(b)]
+    batch = pack_rows(rows, TOK, t)
+    batch.targets = torch.roll(batch.tokens, -1, dims=1)  # a target at every position
+    assert int((batch.targets == IGNORE_INDEX).sum()) == 0
+    model = build_model(cfg, device="meta")
+    # every token passes through each trunk Linear and the LM head; patch_in, visual_out and the
+    # timestep MLP never run on a text-only batch
+    n = sum(m.weight.numel() for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith("layers."))
+    n += model.output.weight.numel()
+    # QK^T and AV: 2 matmuls of 2 * d FLOPs per (query, key) pair summed over heads, forward;
+    # x 3 with the backward. PaLM's 12 L d T per token is this with all T^2 pairs; a causal
+    # row has T (T + 1) / 2.
+    attention = 3 * 2 * 2 * cfg.dim * cfg.n_layers * b * t * (t + 1) // 2
+    assert training_flops(cfg, batch) == 6 * n * b * t + attention
