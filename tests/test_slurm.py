@@ -1,18 +1,22 @@
 # A real one-node Slurm (.ci/slurm_up.sh): submit through mmgen-launch, preempt, requeue, resume.
 """These tests need slurmctld + slurmd running and the node idle; ``bash .ci/slurm_up.sh``
 (root) brings them up and ``.ci/run`` calls it before the suite. Without them the tests skip
-and say why. Job state comes from ``squeue``/``scontrol`` (no ``sacct``: no accounting here)."""
+and say why, except where ``MMGEN_REQUIRE_SLURM=1`` (``.ci/run`` sets it under ``CI=true``):
+there a missing Slurm is an error, so CI cannot pass without running them. Job state comes
+from ``squeue``/``scontrol`` (no ``sacct``: no accounting here)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, data_overrides, run_cli
+from tests.conftest import BIN, ROOT, data_overrides, run_cli
 
 TINY = ["experiment=smoke", "data.seq_len=128", "data.batch_size=4", "trainer.log_every=1",
         "metrics.progress=false", "optim.warmup_steps=2", "trainer.num_threads=1", "data.num_workers=0"]
@@ -33,11 +37,35 @@ def _slurm_state() -> str:
     return ""
 
 
-@pytest.fixture(scope="module")
+REQUIRE = "MMGEN_REQUIRE_SLURM"
+
+
+# session scope: set up before the session-scoped shapes_dir, so a missing Slurm is reported
+# before any data is made
+@pytest.fixture(scope="session")
 def slurm():
     reason = _slurm_state()
+    if reason and os.environ.get(REQUIRE) == "1":
+        pytest.fail(f"{REQUIRE}=1 (CI) but Slurm is not usable: {reason}", pytrace=False)
     if reason:
         pytest.skip(reason)
+
+
+def test_missing_slurm_fails_the_suite_when_required(tmp_path):
+    """The switch itself: with no Slurm (an empty PATH hides sinfo), this file's Slurm tests
+    skip, and with MMGEN_REQUIRE_SLURM=1 they error with the reason and pytest exits non-zero."""
+    base = {k: v for k, v in os.environ.items() if k != REQUIRE}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsE",
+           str(Path(__file__)), "-k", "not test_missing_slurm_fails"]
+    runs = {}
+    for require in ("", "1"):
+        env = {**base, "PATH": str(tmp_path), **({REQUIRE: require} if require else {})}
+        runs[require] = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                       timeout=120)
+    skipped, required = runs[""], runs["1"]
+    assert skipped.returncode == 0 and "3 skipped" in skipped.stdout, skipped.stdout[-2000:]
+    assert required.returncode == 1 and "3 errors" in required.stdout, required.stdout[-2000:]
+    assert f"{REQUIRE}=1 (CI) but Slurm is not usable: sinfo not found" in required.stdout
 
 
 def scontrol_job(job_id: str) -> dict:
