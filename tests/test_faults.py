@@ -56,7 +56,7 @@ def test_preemption_signal_checkpoints_and_exits_with_requeue_code(shapes_dir, t
     # the requeued job resumes from there and finishes
     done = subprocess.run([*args[:-2], "trainer.steps=" + str(stopped + 2)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0 and f"resumed from" in done.stderr
+    assert done.returncode == 0 and "resumed from" in done.stderr
     assert sorted(losses(run)) == list(range(1, stopped + 3))
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import torch
 
-from mmgen.data.batch import IGNORE_INDEX, IMAGE, VIDEO
+from mmgen.batch import IGNORE_INDEX, IMAGE, VIDEO
 from mmgen.models import FLAVORS, build_model
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.objectives import ObjectiveConfig, build_objective, weighted_total
@@ -138,7 +137,7 @@ def test_video_batches_from_the_data_pipeline_train(tmp_path):
     with (frames, h/p, w/p) spans; one Transfusion step on such a batch."""
     from mmgen.data import DataConfig, build_dataloader
     from mmgen.data.config import SourceConfig
-    from mmgen.data.shapes_video import write_video_shards
+    from mmgen.data.synthetic.shapes_video import write_video_shards
 
     write_video_shards(str(tmp_path / "video"), 8, 4, image_size=16, num_frames=8, fps=8)
     cfg = DataConfig(name="video", sources={"video": SourceConfig(str(tmp_path / "video"), type="video")},
