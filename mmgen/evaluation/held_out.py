@@ -48,7 +48,12 @@ class HeldOut:
     def read(self, limit: int) -> list[HeldOutSample]:
         """At most ``limit`` samples, the same ones on every call (fixed shard and tar order).
 
-        Raises ValueError when the shards hold no usable sample."""
+        Args:
+            limit: how many samples to read (fewer when the shards hold fewer).
+
+        Raises:
+            ValueError: the shards hold no usable sample.
+        """
         from mmgen.data import iter_eval_samples
 
         streams = [_tagged(name, iter_eval_samples(pattern, self.image_size))

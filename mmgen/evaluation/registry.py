@@ -30,7 +30,11 @@ EVALUATIONS: dict[str, Evaluation] = {
 
 
 def get_evaluation(task: str) -> Evaluation:
-    """``EVALUATIONS[task]``, or a one-line ValueError naming the registered tasks."""
+    """``EVALUATIONS[task]``, or a one-line ValueError naming the registered tasks.
+
+    Args:
+        task: a registry key, e.g. ``trainer.eval_task`` or the ``mmgen eval`` subcommand.
+    """
     if task not in EVALUATIONS:
         raise ValueError(f"unknown evaluation '{task}' (registered: {', '.join(EVALUATIONS)})")
     return EVALUATIONS[task]

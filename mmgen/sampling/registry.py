@@ -100,7 +100,11 @@ SAMPLERS: dict[str, Sampler] = {
 
 
 def get_sampler(name: str) -> Sampler:
-    """``SAMPLERS[name]``, or a one-line ValueError naming the registered samplers."""
+    """``SAMPLERS[name]``, or a one-line ValueError naming the registered samplers.
+
+    Args:
+        name: a registry key, e.g. one of an objective's ``samplers``.
+    """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler '{name}' (registered: {', '.join(SAMPLERS)})")
     return SAMPLERS[name]

@@ -28,9 +28,14 @@ log = logging.getLogger(__name__)
 
 
 def objective_samplers(objective: str) -> tuple[str, ...]:
-    """The sampler names objective ``objective`` declares (its ``samplers``), each registered.
+    """The sampler names an objective declares (its ``samplers``), each checked against ``SAMPLERS``.
 
-    Raises ConfigError for an unknown objective or a sampler name missing from ``SAMPLERS``."""
+    Args:
+        objective: a key of ``OBJECTIVES`` (``objective.name``).
+
+    Raises:
+        ConfigError: an unknown objective, or a sampler name missing from ``SAMPLERS``.
+    """
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective '{objective}' (available: {', '.join(OBJECTIVES)})")
     names = tuple(getattr(OBJECTIVES[objective], "samplers", ()))
@@ -43,14 +48,26 @@ def objective_samplers(objective: str) -> tuple[str, ...]:
 
 
 def build_sample_context(job: JobConfig, tokenizer: ByteTokenizer) -> SampleContext:
-    """The run's sampling facts: image and patch size, tokenizer, ``sampler.*``, precision."""
+    """The run's sampling facts: image and patch size, tokenizer, ``sampler.*``, precision.
+
+    Args:
+        job: the resolved job.
+        tokenizer: the run's tokenizer (built once by the caller).
+    """
     return SampleContext(tokenizer=tokenizer, image_size=job.data.image_size,
                          patch_size=job.data.patch_size, cfg=job.sampler,
                          precision=job.trainer.precision)
 
 
 def build_held_out(job: JobConfig) -> HeldOut:
-    """The run's held-out pair shards (``held_out_from_data``); bad data config -> ConfigError."""
+    """The run's held-out pair shards (``held_out_from_data``).
+
+    Args:
+        job: the resolved job; only ``job.data`` is read.
+
+    Raises:
+        ConfigError: the data has no pair source to read held-out samples from.
+    """
     try:
         return held_out_from_data(job.data)
     except ValueError as e:
@@ -59,8 +76,13 @@ def build_held_out(job: JobConfig) -> HeldOut:
 
 def build_eval_config(job: JobConfig, num_samples: int | None = None,
                       task: str | None = None) -> EvalConfig:
-    """``trainer.eval_task`` on ``trainer.eval_samples`` samples (or the given ones) with the
-    objective's samplers."""
+    """``trainer.eval_task`` on ``trainer.eval_samples`` samples, with the objective's samplers.
+
+    Args:
+        job: the resolved job.
+        num_samples: overrides ``trainer.eval_samples`` (``mmgen eval --num-samples``).
+        task: overrides ``trainer.eval_task`` (the ``mmgen eval`` subcommand).
+    """
     cfg = EvalConfig(task=task or job.trainer.eval_task,
                      num_samples=num_samples or job.trainer.eval_samples,
                      samplers=objective_samplers(job.objective.name))
@@ -114,7 +136,12 @@ class Hooks:
 
     def after_step(self, step: int, model: nn.Module) -> dict[str, Path]:
         """Every ``sample_every`` steps, each sampler's captioned grid; returns task -> PNG path
-        (empty on other steps). Call on one rank: it needs the whole model."""
+        (empty on other steps). Call on one rank: it needs the whole model.
+
+        Args:
+            step: the optimizer step just finished.
+            model: the plain (unsharded) model.
+        """
         if not (self.sample_every and step % self.sample_every == 0 and self.samplers):
             return {}
         samples = self.prompts()
@@ -140,7 +167,12 @@ class Hooks:
         return paths
 
     def at_end(self, model: nn.Module, out_dir: Path) -> dict | None:
-        """The end-of-run evaluation (``trainer.eval_at_end``); None when it is off."""
+        """The end-of-run evaluation (``trainer.eval_at_end``); None when it is off.
+
+        Args:
+            model: the plain (unsharded) model.
+            out_dir: where the evaluation writes (``runs/<name>/eval``).
+        """
         if self.eval_cfg is None:
             return None
         return evaluate(model, self.ctx, self.held_out, self.eval_cfg, out_dir)
@@ -148,7 +180,12 @@ class Hooks:
 
 def build_hooks(job: JobConfig, tokenizer: ByteTokenizer) -> Hooks:
     """The run's hooks; a config they cannot serve (no held-out pair source, an unknown sampler
-    or evaluation, held-out shards that do not exist) fails here, before training starts."""
+    or evaluation, held-out shards that do not exist) fails here, before training starts.
+
+    Args:
+        job: the resolved job.
+        tokenizer: the run's tokenizer.
+    """
     t = job.trainer
     samplers = objective_samplers(job.objective.name)
     eval_cfg = build_eval_config(job) if t.eval_at_end else None
