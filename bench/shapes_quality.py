@@ -29,12 +29,13 @@ def sh(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def real_image_ceiling(val: str, image_size: int, n: int) -> dict:
-    from mmgen.data import iter_eval_samples
+    """The scorer on the real held-out images, read as the shapes evaluation reads them."""
     from mmgen.data.synthetic.shapes import ShapeSpec
+    from mmgen.evaluation import HeldOut
     from mmgen.evaluation.shapes import score_images
 
-    samples = list(iter_eval_samples(val, image_size, n))
-    return score_images([s[1] for s in samples], [ShapeSpec.from_json(s[3]) for s in samples])
+    samples = HeldOut((("val", val),), image_size).read(n)
+    return score_images([s.image for s in samples], [ShapeSpec.from_json(s.info) for s in samples])
 
 
 def main() -> None:

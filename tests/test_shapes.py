@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from mmgen.data import shapes as S
+from mmgen.data.synthetic import shapes as S
 from mmgen.evaluation import shapes as E
 
 

@@ -36,39 +36,45 @@ def _load_run(run: str, overrides: list[str] | None = None):
 
 
 def cmd_sample(a) -> None:
+    """Draw with the run's objective's samplers (mmgen.sampling.SAMPLERS), as the trainer does."""
     import numpy as np
+    import torch
     from PIL import Image
 
     from mmgen.data.patches import to_uint8, to_unit
     from mmgen.evaluation.shapes import save_grid
     from mmgen.models.tokenizers.text import build_tokenizer
-    from mmgen.sampling import generate_captions, generate_images
+    from mmgen.sampling import CAPTION, IMAGE, get_sampler, sampler_reading
+    from mmgen.trainer.hooks import build_sample_context, objective_samplers
 
     job, model, ckpt = _load_run(a.run, a.set)
-    tok = build_tokenizer(job.data.tokenizer)
-    dev = next(model.parameters()).device
+    ctx = build_sample_context(job, build_tokenizer(job.data.tokenizer))
+    names, owner = objective_samplers(job.objective.name), f"objective={job.objective.name}"
     if a.prompt:
-        grid = job.data.image_size // job.data.patch_size
-        imgs = generate_images(model, tok, a.prompt, (grid, grid), job.data.patch_size, job.sampler, dev)
+        imgs = get_sampler(sampler_reading(names, CAPTION, owner))(model, a.prompt, ctx)
         out = Path(a.out)
         save_grid([to_uint8(i) for i in imgs], a.prompt, out)
         print(f"{len(imgs)} images from {ckpt} -> {out.resolve()}")
-    for path in a.image or []:
-        img = Image.open(path).convert("RGB").resize((job.data.image_size,) * 2)
-        text = generate_captions(model, tok, to_unit(np.asarray(img))[None], job.data.patch_size,
-                                 job.sampler, dev)[0]
-        print(f"{path}: {text}")
+    if a.image:
+        side = (job.data.image_size,) * 2
+        imgs = torch.stack([to_unit(np.asarray(Image.open(p).convert("RGB").resize(side)))
+                            for p in a.image])
+        texts = get_sampler(sampler_reading(names, IMAGE, owner))(model, imgs, ctx)
+        for path, text in zip(a.image, texts):
+            print(f"{path}: {text}")
 
 
-def cmd_eval_shapes(a) -> None:
-    from mmgen.evaluation.run_eval import evaluate_shapes, print_report
+def cmd_eval(a) -> None:
+    """Evaluation ``a.eval_command`` of the registry (mmgen.evaluation.EVALUATIONS) on the run's
+    held-out data, with the objective's samplers: what ``trainer.eval_at_end`` runs."""
     from mmgen.models.tokenizers.text import build_tokenizer
+    from mmgen.trainer.hooks import build_eval_config, build_held_out, build_sample_context, evaluate
 
-    job, model, ckpt = _load_run(a.run, a.set)
-    report = evaluate_shapes(model, build_tokenizer(job.data.tokenizer), job,
-                             Path(a.out or Path(a.run) / "eval"), a.num_samples)
-    report["checkpoint"] = str(ckpt)
-    print_report(report)
+    job, model, _ = _load_run(a.run, a.set)
+    cfg = build_eval_config(job, num_samples=a.num_samples, task=a.eval_command)
+    ctx = build_sample_context(job, build_tokenizer(job.data.tokenizer))
+    out_dir = Path(a.out or Path(a.run) / "eval")
+    evaluate(model, ctx, build_held_out(job), cfg, out_dir)
 
 
 def cmd_export(a) -> None:
@@ -98,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--num-samples", type=int, default=200)
     es.add_argument("--out", default="")
     es.add_argument("--set", action="append", default=[], help="config override, e.g. sampler.steps=50")
-    es.set_defaults(func=cmd_eval_shapes)
+    es.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file")
     ex.add_argument("run", help="run or checkpoint directory")

@@ -19,6 +19,7 @@ from mmgen.batch import MultimodalBatch
 
 class Objective(Protocol):
     loss_names: tuple[str, ...]
+    samplers: tuple[str, ...]   # names in mmgen.sampling.SAMPLERS (samples and evaluations)
 
     def local_counts(self, batch: MultimodalBatch) -> dict[str, torch.Tensor]:
         """Valid positions per loss name in this micro-batch (0-dim long tensors on the

@@ -24,6 +24,7 @@ class NextTokenObjective:
     """Text-only language modelling (visual spans are read as clean conditions)."""
 
     loss_names = ("text",)
+    samplers = ("text",)   # mmgen.sampling.SAMPLERS: it trains no visual output to sample
 
     def __init__(self, cfg=None):
         self.cfg = cfg

@@ -16,6 +16,7 @@ class TransfusionObjective:
     patch), one model forward for both (Zhou et al. 2024)."""
 
     loss_names = ("text", "visual")
+    samplers = ("flow_t2i", "text")   # mmgen.sampling.SAMPLERS: what it trains, drawn and scored
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg.validate()

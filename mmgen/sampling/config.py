@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 @dataclass
 class SamplerConfig:
-    """Knobs of :func:`generate_images` and :func:`generate_captions`.
+    """Knobs of the registered samplers (``SAMPLERS``: flow_t2i, text), passed in ``SampleContext.cfg``.
 
     Args:
         steps: Euler steps of the flow ODE from t = 1 (noise) to t = 0 (data).

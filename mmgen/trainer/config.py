@@ -21,7 +21,8 @@ class TrainerConfig:
         num_samples: prompts in each periodic sample grid.
         max_minutes: stop (with a checkpoint) after this wall time; 0 disables. For
             fixed-budget benchmarks.
-        eval_at_end: score samples on the held-out split when training ends (shapes data).
+        eval_at_end: score samples on the held-out split when training ends (``eval_task``).
+        eval_task: the evaluation run at the end (a key of ``mmgen.evaluation.EVALUATIONS``).
         eval_samples: held-out prompts/images scored at the end.
         max_nonfinite_steps: consecutive steps with a non-finite loss that are skipped (no
             update, counted) before the run aborts with a clear message.
@@ -46,6 +47,7 @@ class TrainerConfig:
     num_samples: int = 16
     max_minutes: float = 0.0
     eval_at_end: bool = False
+    eval_task: str = "shapes"
     eval_samples: int = 200
     max_nonfinite_steps: int = 5
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
@@ -65,3 +67,9 @@ class TrainerConfig:
             raise ValueError("trainer.max_nonfinite_steps must be >= 0")
         if self.sample_every < 0 or self.max_minutes < 0 or self.num_threads < 0:
             raise ValueError("trainer.sample_every, max_minutes and num_threads must be >= 0")
+        if self.eval_at_end:
+            from mmgen.evaluation.registry import EVALUATIONS  # torch: only when it will be used
+
+            if self.eval_task not in EVALUATIONS:
+                raise ValueError(f"trainer.eval_task='{self.eval_task}' is not a registered "
+                                 f"evaluation ({', '.join(EVALUATIONS)})")

@@ -108,12 +108,8 @@ def run_training(job: JobConfig, argv: list[str]) -> None:
                       job.parallel.timeout_minutes, str(e).splitlines()[0] if str(e) else type(e).__name__)
             sys.exit(1)
         log.info("finished at step %d (%d tokens) in %s", state.step, state.tokens_seen, run_dir)
-        if job.trainer.eval_at_end and dist.is_main:
-            from mmgen.evaluation.run_eval import evaluate_shapes, print_report
-
-            report = evaluate_shapes(trainer.engine.module, trainer.tokenizer, job, run_dir / "eval",
-                                     job.trainer.eval_samples)
-            print_report(report)
+        if dist.is_main:  # the registry's evaluation (trainer.eval_at_end, eval_task) on rank 0
+            trainer.hooks.at_end(trainer.engine.module, run_dir / "eval")
         barrier()
     finally:
         shutdown()

@@ -25,6 +25,7 @@ from mmgen.objectives import build_objective, weighted_total
 from mmgen.optim import build_scheduler
 from mmgen.parallel import build_engine
 from mmgen.parallel.dist import DistInfo, all_reduce_sum
+from mmgen.trainer.hooks import build_hooks
 from mmgen.trainer.signals import Preempted, PreemptionFlag
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(job.data.tokenizer)
         self.state = TrainState()
         self.build_data()  # first: a bad shard pattern fails before any model is built
+        self.hooks = build_hooks(job, self.tokenizer)  # samples and final eval; checks held-out data
         self.build_model_and_engine()
         self.build_objective()
         self.ckpt = CheckpointManager(job.checkpoint, self.run_dir, dist.rank, dist.world_size)
@@ -190,8 +192,7 @@ class Trainer:
         if step % job.log_every == 0 or step == end:
             self.metrics.log(step, {**stats, **self.perf_stats(self.window), **self.data_stats()})
             self.window = new_window()
-        if job.sample_every and step % job.sample_every == 0:
-            self.log_samples()
+        self.log_samples()
         preempted, out_of_time = self.stop_flags()
         if step % self.job.checkpoint.every == 0 or preempted or out_of_time:
             self.save_checkpoint()
@@ -336,10 +337,9 @@ class Trainer:
         log.info("checkpoint %s", path)
 
     def log_samples(self) -> None:
+        """The sample hook (every ``trainer.sample_every`` steps), on rank 0: it needs the whole
+        model. Each grid also goes to the dashboards as ``samples/<task>``."""
         if not self.dist.is_main:
             return
-        from mmgen.evaluation.run_eval import sample_grid
-
-        path = self.run_dir / "samples" / f"step_{self.state.step:07d}.png"
-        sample_grid(self.engine.module, self.tokenizer, self.job, path, self.job.trainer.num_samples)
-        self.metrics.log_image(self.state.step, "samples/text_to_image", path)
+        for task, path in self.hooks.after_step(self.state.step, self.engine.module).items():
+            self.metrics.log_image(self.state.step, f"samples/{task}", path)

@@ -1,0 +1,125 @@
+# The sampler registry: name -> sampler; each objective names the samplers that fit what it trains.
+"""A sampler maps a model and a list of prompts to outputs, reading everything else from a
+:class:`SampleContext` (the run's facts, built once by the trainer layer): never the job config.
+
+Every sampler says what it reads (``reads``: held-out ``"caption"`` or ``"image"``) and what it
+draws (``task``: ``"text_to_image"`` or ``"image_to_text"``, also its dashboard key), so the
+trainer's sample hook, the evaluations and ``mmgen sample`` can feed any of them without
+knowing which family it belongs to. Objectives name theirs in a ``samplers`` class attribute
+(``TransfusionObjective.samplers = ("flow_t2i", "text")``).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn as nn
+
+from mmgen.models.tokenizers.text import ByteTokenizer
+from mmgen.sampling.captions import generate_captions
+from mmgen.sampling.config import SamplerConfig
+from mmgen.sampling.images import generate_images
+
+CAPTION, IMAGE = "caption", "image"                         # what a sampler reads
+TEXT_TO_IMAGE, IMAGE_TO_TEXT = "text_to_image", "image_to_text"   # what it draws
+
+
+@dataclass(frozen=True)
+class SampleContext:
+    """The facts of a run that samplers need besides the model and the prompts.
+
+    Args:
+        tokenizer: the run's text tokenizer.
+        image_size: side in pixels of the images drawn and read.
+        patch_size: pixel patch side; a span's grid is ``image_size // patch_size`` per side.
+        cfg: the sampler knobs (``sampler.*`` of the job).
+        precision: as ``trainer.precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU),
+            "bf16" or "fp32", so samples run in the dtype the model trained in.
+    """
+
+    tokenizer: ByteTokenizer
+    image_size: int
+    patch_size: int
+    cfg: SamplerConfig = field(default_factory=SamplerConfig)
+    precision: str = "auto"
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    def autocast(self, device: torch.device):
+        if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+class Sampler(Protocol):
+    task: str      # TEXT_TO_IMAGE or IMAGE_TO_TEXT
+    reads: str     # CAPTION (a list of str) or IMAGE (a [n, 3, H, W] tensor in [-1, 1])
+
+    def __call__(self, model: nn.Module, prompts, ctx: SampleContext):
+        """Images ``[n, 3, H, W]`` in [-1, 1] for TEXT_TO_IMAGE, one string per image for
+        IMAGE_TO_TEXT; on the model's device, in ``ctx.precision``."""
+        ...
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class FlowTextToImage:
+    """Euler integration of the flow ODE with classifier-free guidance (:func:`generate_images`)."""
+
+    task, reads = TEXT_TO_IMAGE, CAPTION
+
+    def __call__(self, model: nn.Module, prompts: Sequence[str], ctx: SampleContext) -> torch.Tensor:
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_images(model, ctx.tokenizer, list(prompts), ctx.grid_hw, ctx.patch_size,
+                                   ctx.cfg, dev)
+
+
+class GreedyCaptions:
+    """Greedy text decoding after a clean image span, with a KV cache (:func:`generate_captions`)."""
+
+    task, reads = IMAGE_TO_TEXT, IMAGE
+
+    def __call__(self, model: nn.Module, prompts: torch.Tensor, ctx: SampleContext) -> list[str]:
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_captions(model, ctx.tokenizer, prompts, ctx.patch_size, ctx.cfg, dev)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "flow_t2i": FlowTextToImage(),
+    "text": GreedyCaptions(),
+}
+
+
+def get_sampler(name: str) -> Sampler:
+    """``SAMPLERS[name]``, or a one-line ValueError naming the registered samplers.
+
+    Args:
+        name: a registry key, e.g. one of an objective's ``samplers``.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{name}' (registered: {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]
+
+
+def sampler_reading(names: Sequence[str], reads: str, owner: str = "the objective") -> str:
+    """The first of ``names`` whose sampler reads ``reads`` (CAPTION or IMAGE).
+
+    Args:
+        names: sampler names, e.g. an objective's ``samplers``.
+        reads: what the prompts are.
+        owner: named in the error when none fits (e.g. "objective=next_token").
+    """
+    for name in names:
+        if get_sampler(name).reads == reads:
+            return name
+    raise ValueError(f"{owner} has no sampler that reads {reads}s (its samplers: "
+                     f"{', '.join(names) or 'none'})")
