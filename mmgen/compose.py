@@ -12,8 +12,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mmgen.errors import ConfigError
 from mmgen.trainer.job import JobConfig
 
-# model.patch_dim follows data.patch_size (resolver registered by mmgen.cli.preflight)
+# model.patch_dim follows data.patch_size, model.heads the objective (the heads it trains:
+# a head without a loss would leave parameters without gradients); resolvers registered by
+# mmgen.cli.preflight
 PATCH_DIM = "${patch_dim:${data.patch_size}}"
+HEADS = "${objective_heads:${objective.name}}"
 
 
 def register_configs() -> None:
@@ -25,7 +28,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     for name, flavor in FLAVORS.items():
-        cs.store(group="model", name=name, node={**dataclasses.asdict(flavor), "patch_dim": PATCH_DIM})
+        cs.store(group="model", name=name, node={**dataclasses.asdict(flavor), "patch_dim": PATCH_DIM,
+                                               "heads": HEADS})
 
 
 def group_options(group: str) -> list[str]:

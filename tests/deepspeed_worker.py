@@ -137,8 +137,8 @@ class Cases:
                 weights_equal = all(torch.equal(plain.state_dict()[k], v) for k, v in engine_state.items())
                 with torch.no_grad():
                     got = plain(batch)
-                diff = max(float((got[k].float() - ref[k].float()).abs().max()) for k in ("text_logits", "visual"))
-                scale = float(ref["text_logits"].float().abs().max())
+                diff = max(float((got[k].float() - ref[k].float()).abs().max()) for k in ("lm", "flow"))
+                scale = float(ref["lm"].float().abs().max())
                 self.record(f"export_{name}", weights_equal=weights_equal, logits_max_abs_diff=diff,
                             logits_scale=scale, keys=len(plain.state_dict()))
             barrier()
@@ -198,7 +198,7 @@ class Cases:
             batch = self.val_batch(hit.job)
             with hit.engine.accumulate(True):
                 out = hit.engine.model(batch)
-                hit.engine.backward(out["text_logits"].float().mean() * float("nan"))
+                hit.engine.backward(out["lm"].float().mean() * float("nan"))
             hit.engine.skip_step()
             after = hit.engine.model_state_dict()
             unchanged = all(torch.equal(before[k], after[k]) for k in before)

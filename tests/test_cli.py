@@ -37,7 +37,7 @@ def test_export_loads_into_the_plain_model_and_reproduces_logits(trained_run, tm
     fresh = build_model(job.model)
     batch = make_batch()
     with torch.no_grad():
-        la, lb, lf = (m(batch)["text_logits"] for m in (a, b, fresh))
+        la, lb, lf = (m(batch)["lm"] for m in (a, b, fresh))
     assert torch.equal(la, lb) and not torch.allclose(la, lf)
 
 

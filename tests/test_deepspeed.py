@@ -183,7 +183,7 @@ def test_activation_checkpointing_is_the_same_math_with_the_same_keys():
         assert apply_activation_checkpointing(model, mode) == (0 if mode == "none" else len(model.layers))
         assert list(model.state_dict()) == keys  # nothing wrapped: checkpoints and exports unchanged
         out = model(make_batch())
-        (out["text_logits"].float().logsumexp(-1).mean() + out["visual"].square().mean()).backward()
+        (out["lm"].float().logsumexp(-1).mean() + out["flow"].square().mean()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

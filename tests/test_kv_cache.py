@@ -39,7 +39,7 @@ def _full_last_logits(model, docs: list, seq_len: int | None = None) -> torch.Te
     last = (batch.document_ids >= 0).sum(dim=1) - 1
     batch.targets = torch.full_like(batch.targets, IGNORE_INDEX)
     batch.targets[torch.arange(len(docs)), last] = TOK.pad
-    return model(batch)["text_logits"]
+    return model(batch)["lm"]
 
 
 def _append(docs: list, tokens: list[int]) -> list:
@@ -97,7 +97,7 @@ def test_multi_token_decode_and_packed_prefix():
         targets = torch.full_like(full.targets, IGNORE_INDEX)
         targets[0, n_prompt:] = TOK.pad
         full.targets = targets
-        torch.testing.assert_close(step[1], model(full)["text_logits"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(step[1], model(full)["lm"], atol=1e-5, rtol=0)
 
 
 def _reference_forward(model, batch) -> dict:
@@ -123,8 +123,8 @@ def _reference_forward(model, batch) -> dict:
         x = x + att.wo(out.transpose(1, 2).reshape(b, length, -1))
         x = x + block.feed_forward(block.ffn_norm(x))
     h = model.norm(x)
-    return {"text_logits": model.text_head(h[batch.targets != IGNORE_INDEX]),
-            "visual": model.visual_out(h[batch.continuous_mask()])}
+    return {"lm": model.output(h[batch.targets != IGNORE_INDEX]),
+            "flow": model.visual_out(h[batch.continuous_mask()]), "aux": {}}
 
 
 def test_training_forward_unchanged():
@@ -139,10 +139,11 @@ def test_training_forward_unchanged():
     with torch.no_grad():
         model.prefill(build_batch(docs, TOK), max_new_tokens=2)
     after = model(batch)
-    for key in before:
+    assert before["aux"] == reference["aux"] == after["aux"] == {}
+    for key in ("lm", "flow"):
         assert torch.equal(before[key], reference[key]), key
         assert torch.equal(before[key], after[key]), key
-    before["text_logits"].sum().backward()
+    before["lm"].sum().backward()
     assert model.layers[0].attention.wk.weight.grad is not None
 
 
@@ -191,7 +192,7 @@ def test_decode_steps_match_full_recompute_on_gpu_with_flex_prefill():
         last = (ref.document_ids >= 0).sum(dim=1) - 1
         ref.targets = torch.full_like(ref.targets, IGNORE_INDEX)
         ref.targets[torch.arange(len(docs)), last] = TOK.pad
-        return model(ref.to("cuda"))["text_logits"]
+        return model(ref.to("cuda"))["lm"]
 
     with torch.no_grad():
         batch = build_batch(docs, TOK).to("cuda")

@@ -36,9 +36,10 @@ def test_forward_shapes(overrides):
     batch = make_batch()
     out = model(batch)
     n_targets = int((batch.targets != IGNORE_INDEX).sum())
-    assert out["text_logits"].shape == (n_targets, CFG.vocab_size)
-    assert out["visual"].shape == (batch.patches.shape[0], CFG.patch_dim)
-    assert torch.isfinite(out["text_logits"]).all()
+    assert out["lm"].shape == (n_targets, CFG.vocab_size)
+    assert out["flow"].shape == (batch.patches.shape[0], CFG.patch_dim)
+    assert torch.isfinite(out["lm"]).all()
+    assert out["aux"] == {}                              # dense blocks have no auxiliary loss
 
 
 def test_meta_build_equals_normal_build():
@@ -68,7 +69,7 @@ def test_gqa_and_validation():
     model = build_model(cfg)
     assert model.layers[0].attention.wk.weight.shape == (cfg.head_dim, cfg.dim)
     out = model(make_batch())
-    assert torch.isfinite(out["visual"]).all()
+    assert torch.isfinite(out["flow"]).all()
     bads = (dict(n_kv_heads=3), dict(dim=66), dict(attention="xformers"), dict(max_grid=[1, 2]))
     for bad in bads:
         with pytest.raises(ValueError):
@@ -79,11 +80,11 @@ def test_logits_only_at_text_targets():
     torch.manual_seed(0)
     model = build_model(CFG)
     batch = make_batch()
-    full = model(batch)["text_logits"]
+    full = model(batch)["lm"]
     keep = batch.targets != IGNORE_INDEX
     first = keep.flatten().nonzero()[0]
     batch.targets.view(-1)[first] = IGNORE_INDEX        # drop one target: one row fewer
-    fewer = model(batch)["text_logits"]
+    fewer = model(batch)["lm"]
     torch.testing.assert_close(fewer, full[1:])
 
 
@@ -94,7 +95,7 @@ def _output_change(model, edit) -> torch.Tensor:
     def logits(batch):
         real = batch.document_ids >= 0
         batch.targets = torch.where(real, torch.zeros_like(batch.targets), IGNORE_INDEX)
-        return model(batch)["text_logits"][:int(real[0].sum())]
+        return model(batch)["lm"][:int(real[0].sum())]
     batch = make_batch()
     before = logits(batch)
     edit(batch)

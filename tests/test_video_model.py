@@ -92,9 +92,9 @@ def test_frame_coordinate_reaches_the_model_only_through_the_position_code():
     rows = span_rows(make_batch(), 0)
     learned, plain = model_with_visual_head(), model_with_visual_head(visual_pos="none")
     with torch.no_grad():
-        delta = (learned(make_batch())["visual"] - learned(relabelled(make_batch()))["visual"]).abs()
+        delta = (learned(make_batch())["flow"] - learned(relabelled(make_batch()))["flow"]).abs()
         assert (delta[rows].amax(-1) > 1e-4).all(), delta[rows]
-        assert torch.equal(plain(make_batch())["visual"], plain(relabelled(make_batch()))["visual"])
+        assert torch.equal(plain(make_batch())["flow"], plain(relabelled(make_batch()))["flow"])
 
 
 def test_attention_inside_a_video_span_is_bidirectional():
@@ -109,7 +109,7 @@ def test_attention_inside_a_video_span_is_bidirectional():
         batch.targets = torch.where(real, torch.zeros_like(batch.targets), IGNORE_INDEX)
         with torch.no_grad():
             out = model(batch)
-        return out["text_logits"][:int(real[0].sum())], out["visual"]
+        return out["lm"][:int(real[0].sum())], out["flow"]
 
     base = make_batch()
     doc0 = int((base.document_ids[0] == 0).sum())

@@ -27,6 +27,11 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("patch_dim"):
         # channels * patch_size**2: keeps model.patch_dim in step with data.patch_size
         OmegaConf.register_new_resolver("patch_dim", lambda p, c=3: int(c) * int(p) ** 2)
+    if not OmegaConf.has_resolver("objective_heads"):
+        from mmgen.objectives import objective_heads
+
+        # model.heads = the heads the objective trains (mmgen/models/README.md)
+        OmegaConf.register_new_resolver("objective_heads", objective_heads)
 
 
 def one_line(exc: BaseException) -> str:

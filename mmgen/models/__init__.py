@@ -1,12 +1,15 @@
-# Model registry: named flavors of the unified transformer and the factory that builds one.
+# Model registries (flavors; trunk blocks, embedders and heads) and the factory that builds a model.
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 from mmgen.models.config import ModelConfig
+from mmgen.models.embedders import EMBEDDERS
+from mmgen.models.heads import HEADS
 from mmgen.models.kv_cache import KVCache
 from mmgen.models.transformer import UnifiedTransformer
+from mmgen.models.trunk import BLOCKS
 
 # The one flavor registry: `model=<name>` on the command line selects these (registered in
 # Hydra's ConfigStore by mmgen/compose.py; there are no configs/model/*.yaml files).
@@ -27,10 +30,14 @@ FLAVORS: dict[str, ModelConfig] = {
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> UnifiedTransformer:
     """Build on the meta device, then materialise on ``device`` and ``init_weights``.
 
-    ``device`` defaults to the current default device; on "meta" (or inside
-    ``with torch.device("meta")``) the model is returned unmaterialised, for a backend to
-    parallelize before ``to_empty`` + ``init_weights``. Both paths give the same weights for
-    the same seed.
+    Args:
+        cfg: the shape, and which trunk block, embedders and heads to build (``cfg.block``,
+            ``cfg.visual_pos``, ``cfg.heads``; a training job sets ``heads`` from its
+            objective, see ``mmgen/models/README.md``).
+        device: defaults to the current default device; on "meta" (or inside
+            ``with torch.device("meta")``) the model is returned unmaterialised, for a
+            backend to parallelize before ``to_empty`` + ``init_weights``. Both paths give
+            the same weights for the same seed.
     """
     device = torch.device(device) if device is not None else torch.get_default_device()
     with torch.device("meta"):
@@ -53,4 +60,5 @@ def num_params(model: nn.Module, exclude_embedding: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-__all__ = ["FLAVORS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model", "num_params"]
+__all__ = ["BLOCKS", "EMBEDDERS", "FLAVORS", "HEADS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model",
+           "num_params"]

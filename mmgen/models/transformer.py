@@ -1,66 +1,43 @@
-# The unified Transfusion-style transformer: text tokens and visual patches in one sequence.
+# The unified transformer: registered embedders -> trunk -> registered heads, in one sequence.
 """Single-device PyTorch; parallelism is applied from outside (``mmgen/parallel``).
 
-Blocks live in ``self.layers`` (an ``nn.ModuleList``) so backends can wrap each one for
-activation checkpointing, FSDP or compile. Build on the meta device, parallelize, then
-``to_empty`` + :meth:`UnifiedTransformer.init_weights` (see :func:`mmgen.models.build_model`).
-For inference, :meth:`UnifiedTransformer.prefill` runs a prompt once and
-:meth:`UnifiedTransformer.decode_step` continues it token by token from a KV cache
-(``mmgen/models/kv_cache.py``); :meth:`UnifiedTransformer.forward` never uses one.
+A model is a trunk plus registered embedders and heads (DESIGN.md, contract 2):
+
+* embedders (``embedders.py``) turn a batch into ``[B, L, dim]`` inputs: token embeddings,
+  continuous visual rows projected and tagged with their span's timestep, position codes;
+* the trunk (``trunk.py``: blocks in ``self.layers``, an ``nn.ModuleList`` that backends wrap
+  per block for activation checkpointing, FSDP or compile, and the final ``self.norm``) maps
+  them to hidden states and auxiliary losses;
+* heads (``heads.py``, chosen by ``model.heads``) map hidden states at the positions the
+  objective asks for to outputs: "lm" logits, "flow" patch predictions.
+
+Everything a training step needs runs inside :meth:`UnifiedTransformer.forward`, the one call
+that goes through a backend's wrapper (DDP's reducer, FSDP2's and ZeRO-3's parameter
+gathering). Every submodule sits on the root under the attribute name it always had, so
+state-dict keys (``tok_embeddings.weight``, ``layers.0.attention.wq.weight``, ``output.weight``,
+``visual_out.bias``, ...) do not depend on the registries.
+
+Build on the meta device, parallelize, then ``to_empty`` + :meth:`UnifiedTransformer.init_weights`
+(see :func:`mmgen.models.build_model`). For inference, :meth:`UnifiedTransformer.prefill` runs a
+prompt once and :meth:`UnifiedTransformer.decode_step` continues it token by token from a KV
+cache (``mmgen/models/kv_cache.py``); :meth:`UnifiedTransformer.forward` never uses one.
 """
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from mmgen.batch import IGNORE_INDEX, MultimodalBatch
+from mmgen.batch import MultimodalBatch
 from mmgen.models.attention import AttentionMask, build_mask, resolve_backend
 from mmgen.models.config import ModelConfig
-from mmgen.models.kv_cache import KVCache, LayerKV, last_positions
-from mmgen.models.layers import (Attention, RMSNorm, SwiGLU, TimestepEmbedding, _trunc_normal,
-                                 rope_cos_sin)
-
-
-class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: AttentionMask, kv: LayerKV | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, mask, kv)
-        return x + self.feed_forward(self.ffn_norm(x))
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.attention_norm.init_weights()
-        self.ffn_norm.init_weights()
-        self.attention.init_weights(std, out_std)
-        self.feed_forward.init_weights(std, out_std)
-
-
-class VisualPositionEmbedding(nn.Module):
-    """Learned (t, h, w) tables summed per visual position (a factorised 3-D position code)."""
-
-    def __init__(self, max_grid: list[int], dim: int):
-        super().__init__()
-        self.t = nn.Embedding(max_grid[0], dim)
-        self.h = nn.Embedding(max_grid[1], dim)
-        self.w = nn.Embedding(max_grid[2], dim)
-
-    def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        return self.t(coords[..., 0]) + self.h(coords[..., 1]) + self.w(coords[..., 2])
-
-    def init_weights(self, std: float) -> None:
-        for table in (self.t, self.h, self.w):
-            _trunc_normal(table.weight, std)
+from mmgen.models.embedders import EMBEDDERS, embedder_names
+from mmgen.models.heads import HEADS, head_names
+from mmgen.models.kv_cache import KVCache, last_positions
+from mmgen.models.layers import RMSNorm, rope_cos_sin
+from mmgen.models.trunk import build_blocks, run_trunk
 
 
 class UnifiedTransformer(nn.Module):
@@ -68,22 +45,26 @@ class UnifiedTransformer(nn.Module):
 
     Constructed on a real device it is initialised at once; constructed under
     ``torch.device("meta")`` it waits for ``to_empty`` + :meth:`init_weights`.
+
+    Attributes:
+        embedder_names, head_names: what ``cfg`` built, in registry order.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.patch_in = nn.Linear(cfg.patch_dim, cfg.dim)
-        self.t_embedder = TimestepEmbedding(cfg.timestep_dim, cfg.dim)
-        self.visual_pos = (VisualPositionEmbedding(cfg.max_grid, cfg.dim)
-                           if cfg.visual_pos == "learned" else None)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.embedder_names = tuple(embedder_names(cfg))
+        self.head_names = tuple(head_names(cfg))
+        # registration order = parameter order (optimizer state, ZeRO flat buffers):
+        # embedders, blocks, final norm, heads, as it has always been
+        for name in self.embedder_names:
+            for attr, module in EMBEDDERS[name].build(cfg).items():
+                self.add_module(attr, module)
+        self.layers = build_blocks(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        # tied heads read tok_embeddings.weight directly: sharing a Parameter object would not
-        # survive a meta-device build followed by to_empty
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.visual_out = nn.Linear(cfg.dim, cfg.patch_dim)
+        for name in self.head_names:
+            for attr, module in HEADS[name].build(cfg).items():
+                self.add_module(attr, module)
         if not self.tok_embeddings.weight.is_meta:
             self.init_weights()
 
@@ -91,26 +72,19 @@ class UnifiedTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter from the default RNG of its device, in a fixed order."""
+        """Initialise every parameter from the default RNG of its device, in a fixed order
+        (embedders, blocks, norm, heads, each in registry order)."""
         cfg = self.cfg
         std = cfg.init_std
         # residual-branch outputs shrink with depth so the stream's variance stays bounded
         out_std = std / math.sqrt(2 * cfg.n_layers)
-        _trunc_normal(self.tok_embeddings.weight, std if cfg.tie_embeddings else 1.0)
-        # unit-gain input projection: patches in [-1, 1] land at the same scale as text embeddings
-        _trunc_normal(self.patch_in.weight, 1.0 / math.sqrt(cfg.patch_dim))
-        nn.init.zeros_(self.patch_in.bias)
-        self.t_embedder.init_weights(std)
-        if self.visual_pos is not None:
-            self.visual_pos.init_weights(std)
+        for name in self.embedder_names:
+            EMBEDDERS[name].init_weights(self, cfg)
         for layer in self.layers:
             layer.init_weights(std, out_std)
         self.norm.init_weights()
-        if self.output is not None:
-            _trunc_normal(self.output.weight, cfg.dim ** -0.5)
-        # zero visual output: the first flow prediction is 0 rather than noise from a random head
-        nn.init.zeros_(self.visual_out.weight)
-        nn.init.zeros_(self.visual_out.bias)
+        for name in self.head_names:
+            HEADS[name].init_weights(self, cfg)
 
     # ------------------------------------------------------------ forward
 
@@ -121,22 +95,27 @@ class UnifiedTransformer(nn.Module):
 
     def embed(self, batch: MultimodalBatch, visual_in: torch.Tensor,
               span_t: torch.Tensor) -> torch.Tensor:
-        """``[B, L, dim]`` inputs: token embeddings, with continuous visual positions replaced by
-        projected patches plus their span's timestep embedding, plus visual position codes."""
-        x = self.tok_embeddings(batch.tokens)
-        cont = batch.continuous_mask()
-        span_of_row = batch.span_ids[cont]                       # [N], row-major like visual_in
-        vis = self.patch_in(visual_in.to(x.dtype)) + self.t_embedder(span_t)[span_of_row]
-        x = x.masked_scatter(cont.unsqueeze(-1), vis.to(x.dtype))
-        if self.visual_pos is not None:
-            is_visual = (batch.span_ids >= 0).unsqueeze(-1)
-            x = x + self.visual_pos(batch.coords) * is_visual
+        """``[B, L, dim]`` trunk inputs: every embedder in turn (token embeddings; continuous
+        visual positions replaced by their projected ``visual_in`` row plus their span's
+        timestep embedding; visual position codes added)."""
+        x = None
+        for name in self.embedder_names:
+            x = EMBEDDERS[name].embed(self, x, batch, visual_in, span_t)
         return x
 
-    def text_head(self, h: torch.Tensor) -> torch.Tensor:
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return self.output(h)
+    def trunk(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+              mask: AttentionMask, cache: KVCache | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Blocks + final norm: hidden states ``[B, L, dim]`` and auxiliary losses by name
+        (see ``mmgen.models.trunk.run_trunk``)."""
+        return run_trunk(self.layers, self.norm, x, rope, mask, cache)
+
+    def run_head(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """Head ``name`` on hidden states ``h`` (``[..., dim]``)."""
+        if name not in self.head_names:
+            raise ValueError(f"the model has no '{name}' head (model.heads="
+                             f"{list(self.head_names)}; registered: {list(HEADS)})")
+        return HEADS[name].run(self, h)
 
     def _inputs(self, batch: MultimodalBatch, visual_in: torch.Tensor | None,
                 span_t: torch.Tensor | None, mask: AttentionMask | None):
@@ -151,9 +130,9 @@ class UnifiedTransformer(nn.Module):
         return self.embed(batch, visual_in, span_t), rope, mask
 
     def forward(self, batch: MultimodalBatch, visual_in: torch.Tensor | None = None,
-                span_t: torch.Tensor | None = None, mask: AttentionMask | None = None
-                ) -> dict[str, torch.Tensor]:
-        """Map a batch to text logits and visual predictions.
+                span_t: torch.Tensor | None = None, mask: AttentionMask | None = None,
+                heads: Mapping[str, torch.Tensor] | None = None) -> dict:
+        """Embed, run the trunk, then each requested head at its positions.
 
         Args:
             batch: the packed batch; its ``patches`` are replaced by ``visual_in``.
@@ -161,20 +140,23 @@ class UnifiedTransformer(nn.Module):
                 e.g. noised patches; defaults to ``batch.patches``.
             span_t: ``[S]`` flow time per span (0 = clean); defaults to zeros.
             mask: a prebuilt attention mask (:meth:`build_mask`); built here if None.
+            heads: head name -> ``[B, L]`` bool positions where it runs; the objective's
+                choice. None: every built head at its ``default_positions`` ("lm" where
+                ``batch.targets`` is not IGNORE_INDEX, "flow" at continuous visual positions).
 
         Returns:
-            ``"text_logits"``: ``[M, vocab]`` at positions where ``batch.targets`` is not
-            IGNORE_INDEX (row-major); ``"visual"``: ``[N, patch_dim]`` at continuous visual
-            positions (row-major).
+            one entry per requested head: its output at its positions (row-major), e.g.
+            ``"lm"``: ``[M, vocab]``, ``"flow"``: ``[N, patch_dim]``; and ``"aux"``: the
+            trunk's auxiliary losses by name (empty for dense blocks).
         """
         x, rope, mask = self._inputs(batch, visual_in, span_t, mask)
-        for layer in self.layers:
-            x = layer(x, rope, mask)
-        h = self.norm(x)
-        # the vocab head only where a target exists: most packed positions have none
-        text_logits = self.text_head(h[batch.targets != IGNORE_INDEX])
-        visual = self.visual_out(h[batch.continuous_mask()])
-        return {"text_logits": text_logits, "visual": visual}
+        h, aux = self.trunk(x, rope, mask)
+        if heads is None:
+            heads = {name: HEADS[name].default_positions(batch) for name in self.head_names}
+        # each head only where it is asked for: the vocabulary head at ~12% of positions
+        out = {name: self.run_head(name, h[positions]) for name, positions in heads.items()}
+        out["aux"] = aux
+        return out
 
     # ------------------------------------------------------------ incremental decoding
 
@@ -194,22 +176,20 @@ class UnifiedTransformer(nn.Module):
             max_new_tokens: how many tokens :meth:`decode_step` may append (cache capacity).
 
         Returns:
-            ``[B, vocab]`` text logits at each row's last position (they pick the first new
+            ``[B, vocab]`` "lm" logits at each row's last position (they pick the first new
             token), and the cache.
         """
         x, rope, mask = self._inputs(batch, visual_in, span_t, mask)
         cache = KVCache.for_prefix(len(self.layers), batch.document_ids, batch.positions,
                                    max_new_tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache.layer(i))
+        h, _ = self.trunk(x, rope, mask, cache)
         cache.prefilled(batch.shape[1])
         last = last_positions(batch.document_ids)
-        h = self.norm(x[torch.arange(x.shape[0], device=x.device), last])
-        return self.text_head(h), cache
+        return self.run_head("lm", h[torch.arange(h.shape[0], device=h.device), last]), cache
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append text ``tokens`` (``[B]`` or ``[B, n]``) to every row of ``cache`` and return
-        their text logits (``[B, vocab]`` or ``[B, n, vocab]``).
+        their "lm" logits (``[B, vocab]`` or ``[B, n, vocab]``).
 
         Each new token attends to its row's valid cached slots and, causally, to the new
         tokens before it: the same as :meth:`forward` on the whole sequence. Text only (no
@@ -223,8 +203,7 @@ class UnifiedTransformer(nn.Module):
         rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         mask = cache.decode_mask(n)
         x = self.tok_embeddings(tokens)     # text positions: no patch or visual position code
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache.layer(i))
+        h, _ = self.trunk(x, rope, mask, cache)
         cache.advance(n)
-        logits = self.text_head(self.norm(x))
+        logits = self.run_head("lm", h)
         return logits[:, 0] if single else logits

@@ -1,7 +1,7 @@
 # Objective registry: config name -> objective class (see base.Objective for the protocol).
 from __future__ import annotations
 
-from mmgen.objectives.base import Objective, normalise, weighted_total
+from mmgen.objectives.base import Objective, aux_losses, normalise, weighted_total
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.next_token import NextTokenObjective
 from mmgen.objectives.transfusion import TransfusionObjective
@@ -18,5 +18,12 @@ def build_objective(cfg: ObjectiveConfig) -> Objective:
     return OBJECTIVES[cfg.name](cfg)
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "build_objective", "normalise",
-           "weighted_total"]
+def objective_heads(name: str) -> list[str]:
+    """The model heads objective ``name`` runs: what ``model.heads`` resolves to in a job."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{name}' (available: {', '.join(OBJECTIVES)})")
+    return list(OBJECTIVES[name].heads)
+
+
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "aux_losses", "build_objective",
+           "normalise", "objective_heads", "weighted_total"]

@@ -1,11 +1,22 @@
 # The objective protocol (batch -> named, globally normalised losses) and the weighted total.
 """An objective owns everything between the batch and the losses: noise, timestep sampling,
-the model call, and the per-loss reductions. The model only maps inputs to outputs.
+the model's inputs (clean, noised, masked), which heads run at which positions, and the
+per-loss reductions. The model only maps inputs to outputs: one call
+``out = model(batch, visual_in, span_t, heads={"lm": positions, ...})`` (through the backend's
+wrapper, so always ``model(...)``, never a method of it), returning each requested head's
+output at its positions and ``out["aux"]``, the trunk's auxiliary losses (MoE balance, z-loss),
+which the objective adds to its own with :func:`aux_losses`. The model is built with exactly
+the heads in :attr:`Objective.heads` (``model.heads``), so no parameter goes without a
+gradient (DDP's default reducer requires that).
 
 Normalisation (STYLE habit 8): each loss is ``sum over this micro-batch's valid positions /
 denominators[name]``, where the trainer passes the *global* number of valid positions (summed
 over micro-batches and ranks from :meth:`Objective.local_counts`). Summing the returned losses
 over micro-batches and ranks then gives the same value however the batch is split.
+Auxiliary losses are one mean per micro-batch over its non-padding positions; weighting each by
+the micro-batch's share of the step's non-padding positions (the count :data:`POSITIONS`, which
+every objective's ``local_counts`` includes through :func:`position_count`) makes the same sum
+their position-weighted mean.
 """
 from __future__ import annotations
 
@@ -17,13 +28,23 @@ import torch.nn as nn
 from mmgen.batch import MultimodalBatch
 
 
+POSITIONS = "positions"
+
+
 class Objective(Protocol):
+    """Attributes:
+        loss_names: the losses it returns besides the trunk's auxiliary ones.
+        heads: the model heads it runs (``mmgen.models.heads.HEADS`` names); a training job
+            builds the model with exactly these (``model.heads``).
+    """
+
     loss_names: tuple[str, ...]
+    heads: tuple[str, ...]
     samplers: tuple[str, ...]   # names in mmgen.sampling.SAMPLERS (samples and evaluations)
 
     def local_counts(self, batch: MultimodalBatch) -> dict[str, torch.Tensor]:
-        """Valid positions per loss name in this micro-batch (0-dim long tensors on the
-        batch's device, ready for an all-reduce)."""
+        """Valid positions per loss name in this micro-batch, and ``POSITIONS`` (non-padding
+        positions, for the auxiliary losses); 0-dim long tensors, ready for an all-reduce."""
         ...
 
     def __call__(self, model: nn.Module, batch: MultimodalBatch,
@@ -39,6 +60,35 @@ def normalise(loss_sum: torch.Tensor, denominator: torch.Tensor | int | float) -
     graph-connected) sum, so clamping it to 1 returns 0 instead of NaN."""
     denom = torch.as_tensor(denominator, device=loss_sum.device).to(torch.float32)
     return loss_sum.float() / denom.clamp(min=1.0)
+
+
+def position_count(batch: MultimodalBatch) -> dict[str, torch.Tensor]:
+    """``{POSITIONS: non-padding positions}``, the count behind the auxiliary losses."""
+    return {POSITIONS: (batch.document_ids >= 0).sum()}
+
+
+def aux_losses(aux: dict[str, torch.Tensor], batch: MultimodalBatch,
+               denominators: dict[str, torch.Tensor],
+               taken: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The trunk's auxiliary losses (``model(...)["aux"]``) as named losses.
+
+    Each is a mean over this micro-batch's non-padding positions (MoE balance, z-loss), so
+    ``mean * local positions / global positions`` summed over micro-batches and ranks is the
+    step's position-weighted mean, like every other loss.
+
+    Args:
+        aux: name -> scalar, as the trunk returns it (empty for dense blocks).
+        batch: the micro-batch the model ran on.
+        denominators: the step's global counts; must hold ``POSITIONS``.
+        taken: the objective's own loss names, which an auxiliary loss may not reuse.
+    """
+    if not aux:
+        return {}
+    clash = sorted(set(aux) & set(taken))
+    if clash:
+        raise ValueError(f"auxiliary loss name(s) {clash} clash with the objective's losses")
+    local = position_count(batch)[POSITIONS]
+    return {name: normalise(value * local, denominators[POSITIONS]) for name, value in aux.items()}
 
 
 def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

@@ -99,4 +99,5 @@ def _next_tokens(model: nn.Module, tokenizer: ByteTokenizer, prefixes: list, gen
     batch.targets[torch.arange(len(docs)), last] = tokenizer.pad
     batch = batch.to(device)
     clean = torch.zeros(len(batch.spans), device=device)          # condition spans: t = 0
-    return _greedy(model(batch, batch.patches, clean)["text_logits"], tokenizer)
+    out = model(batch, batch.patches, clean, heads={"lm": batch.targets != IGNORE_INDEX})
+    return _greedy(out["lm"], tokenizer)

@@ -45,10 +45,11 @@ def generate_images(model: nn.Module, tokenizer: ByteTokenizer, captions: list[s
         # the mask is the same at every step; wrapped models without build_mask rebuild it
         build_mask = getattr(model, "build_mask", None)
         mask = build_mask(batch) if build_mask is not None else None
+        visual = batch.continuous_mask()
         for t_cur, t_next in zip(times[:-1], times[1:]):
             x_in = (torch.cat([x, x]) if guided else x).reshape(-1, patch_dim)
             span_t = torch.full((len(prompts),), t_cur, device=device)
-            out = model(batch, x_in, span_t, mask)["visual"].float()
+            out = model(batch, x_in, span_t, mask, heads={"flow": visual})["flow"].float()
             v = to_velocity(out, x_in, span_t.repeat_interleave(n_patch), cfg.prediction, cfg.t_eps)
             v = v.reshape(len(prompts), n_patch, patch_dim)
             if guided:

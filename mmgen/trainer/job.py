@@ -63,6 +63,7 @@ class JobConfig:
             raise ConfigError(f"data.image_size/patch_size = {grid} patches per side exceeds model.max_grid {list(m.max_grid)}")
         if m.vocab_size < 264:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's 264 ids")
+        self._validate_heads()
         sharded = self.parallel.name in ("zero3", "fsdp2")
         if sharded and (self.trainer.sample_every or self.trainer.eval_at_end):
             raise ConfigError("trainer.sample_every / trainer.eval_at_end sample on rank 0 alone, which needs the "
@@ -70,6 +71,25 @@ class JobConfig:
                               "`mmgen eval` on the run's checkpoint instead)")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name='{self.name}' must be a non-empty run name without '/'")
+
+
+    def _validate_heads(self) -> None:
+        from mmgen.objectives import objective_heads
+
+        try:
+            need = objective_heads(self.objective.name)
+        except ValueError as e:
+            raise ConfigError(f"objective.name: {e}") from e
+        have, name = list(self.model.heads), self.objective.name
+        missing = [h for h in need if h not in have]
+        if missing:
+            raise ConfigError(f"objective {name} runs head(s) {missing} that model.heads={have} lacks "
+                              f"(leave model.heads unset: it follows the objective)")
+        extra = [h for h in have if h not in need]
+        if extra and not self.parallel.find_unused_parameters:
+            raise ConfigError(f"model.heads={have} has {extra}, which objective {name} never runs: their "
+                              f"parameters would get no gradient (DDP stops at step 2); leave model.heads unset "
+                              f"(it follows the objective) or set parallel.find_unused_parameters=true")
 
 
 def to_yaml(job: JobConfig) -> str:

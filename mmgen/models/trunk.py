@@ -1,0 +1,86 @@
+# The trunk of every model family: registered blocks + final norm, hidden states plus aux losses.
+"""The trunk maps embedded inputs ``[B, L, dim]`` (with RoPE tables and an attention mask) to
+normalised hidden states ``[B, L, dim]`` and a dict of auxiliary losses. It knows nothing of
+modalities, inputs or heads: embedders (``embedders.py``) build its input and heads
+(``heads.py``) read its output at the positions an objective chooses.
+
+Its blocks live in the model's ``layers`` (an ``nn.ModuleList``) and its final norm in the
+model's ``norm``, so backends wrap each block from outside (activation checkpointing, FSDP,
+compile) and state-dict keys stay ``layers.<i>.*`` / ``norm.weight``.
+
+Block protocol: ``block(x, rope, mask[, kv]) -> x``, or ``-> (x, aux)`` for a block with
+auxiliary losses (an MoE block's balance or z-loss, one scalar per micro-batch). The trunk sums
+each named aux loss over the blocks that return it; a dense block returns ``x`` alone, so its
+forward (and what checkpoint wrappers and compile see) stays a plain tensor function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mmgen.models.attention import AttentionMask
+from mmgen.models.config import ModelConfig
+from mmgen.models.kv_cache import KVCache, LayerKV
+from mmgen.models.layers import Attention, RMSNorm, SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    """Dense pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: AttentionMask, kv: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, mask, kv)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(std, out_std)
+        self.feed_forward.init_weights(std, out_std)
+
+
+# `model.block=<name>`: an MoE or modality-tower block registers here, with the same protocol
+BLOCKS: dict[str, type[nn.Module]] = {
+    "dense": TransformerBlock,
+}
+
+
+def build_blocks(cfg: ModelConfig) -> nn.ModuleList:
+    """``cfg.n_layers`` blocks of kind ``cfg.block`` (the model's ``layers``)."""
+    return nn.ModuleList(BLOCKS[cfg.block](cfg) for _ in range(cfg.n_layers))
+
+
+def run_trunk(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor,
+              rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+              cache: KVCache | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Blocks then final norm.
+
+    Args:
+        layers, norm: the model's blocks and final norm.
+        x: ``[B, L, dim]`` embedded inputs.
+        rope: cos/sin tables at the inputs' positions (``layers.rope_cos_sin``).
+        mask: attention mask (with ``cache``: one column per cached slot).
+        cache: incremental decoding only: each block appends its keys/values to its layer.
+
+    Returns:
+        ``[B, L, dim]`` normalised hidden states, and auxiliary losses by name (empty for
+        dense blocks).
+    """
+    aux: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        # the cache argument only when there is one: training calls stay layer(x, rope, mask)
+        out = layer(x, rope, mask) if cache is None else layer(x, rope, mask, cache.layer(i))
+        if isinstance(out, tuple):
+            x, block_aux = out
+            for name, value in block_aux.items():
+                aux[name] = aux[name] + value if name in aux else value
+        else:
+            x = out
+    return norm(x), aux
