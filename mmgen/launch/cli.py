@@ -26,6 +26,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmgen.launch.sbatch import SlurmOptions
 
 PROG = "mmgen-launch"
 HYDRA_FLAGS_HINT = ("Hydra flags are not launcher options; for -m sweeps on Slurm use "
@@ -249,7 +253,7 @@ def load_cluster(name: str):
         raise UsageError(str(e)) from e
 
 
-def slurm_options(a, job, profile) -> "SlurmOptions":
+def slurm_options(a, job, profile) -> SlurmOptions:
     """The command line over the cluster profile over the built-in defaults."""
     from mmgen.launch.sbatch import SlurmOptions
 

@@ -64,8 +64,11 @@ DEFAULT_JOIN_TIMEOUT = 600  # torchrun's, when --rdzv-conf has no join_timeout
 
 def rendezvous_message(args, exc: BaseException) -> str:
     """One line for a failed rendezvous: which one, what happened, what to do."""
-    from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError, RendezvousConnectionError,
-                                                          RendezvousTimeoutError)
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousClosedError,
+        RendezvousConnectionError,
+        RendezvousTimeoutError,
+    )
 
     conf = dict(kv.split("=", 1) for kv in args.rdzv_conf.split(",") if "=" in kv)
     where = f"rendezvous '{args.rdzv_id}' at {args.rdzv_endpoint}"
