@@ -1,4 +1,4 @@
-# mmgen-launch without Slurm: the sbatch script it writes, bad input, torchrun here with SIGTERM.
+# mmgen-launch: the sbatch script it writes (and what sbatch reads back), bad input, torchrun here with SIGTERM.
 from __future__ import annotations
 
 import json
@@ -17,6 +17,16 @@ from tests.conftest import BIN, data_overrides
 
 TINY = ["experiment=smoke", "data.seq_len=128", "data.batch_size=4", "trainer.log_every=1",
         "metrics.progress=false", "optim.warmup_steps=2", "trainer.num_threads=1", "data.num_workers=0"]
+
+
+def lint_script(path: Path) -> None:
+    """``bash -n`` always; shellcheck when installed (``.ci/run`` installs it), else skip saying so."""
+    r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (.ci/run installs it with apt-get): only bash -n ran")
+    r = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
 
 
 def launch(argv, capsys) -> tuple[int, str, str]:
@@ -45,10 +55,7 @@ def test_dry_run_prints_a_multi_node_sbatch_script(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "runs").exists(), "--dry-run writes nothing"
     path = tmp_path / "job.sbatch"
     path.write_text(script)
-    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    if shutil.which("shellcheck"):
-        r = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stdout
+    lint_script(path)
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -57,6 +64,11 @@ def test_dry_run_prints_a_multi_node_sbatch_script(tmp_path, capsys, monkeypatch
     (["slurm", "--env", "NOEQUALS", "--", "experiment=smoke"], "NAME=value"),
     (["slurm", "--", "-m", "optim.lr=1,2"], "submitit_slurm"),
     (["local", "--nnodes", "2", "--", "experiment=smoke"], "--rdzv-endpoint"),
+    (["local", "--nnodes", "2", "--rdzv-endpoint", "nohost", "--", "experiment=smoke"], "HOST:PORT"),
+    (["local", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--node-rank", "2", "--", "experiment=smoke"], "0..1"),
+    (["local", "--nnodes", "2", "--rdzv-endpoint", "h:1", "--rdzv-timeout", "0", "--", "experiment=smoke"], "> 0"),
+    (["local", "--nnodes", "two", "--rdzv-endpoint", "h:1", "--", "experiment=smoke"], "MIN:MAX"),
+    (["local", "--node-rank", "1", "--", "experiment=smoke"], "multi-node"),
     (["local", "--bogus"], "unrecognized arguments"),
     (["--resubmit", "nowhere"], "launch.json"),
     ([], "sub-command"),
@@ -68,6 +80,104 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, needl
     assert code == 2 and len(lines) == 1 and lines[0].startswith("mmgen-launch: error:"), err
     assert needle in lines[0], lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+# Item 9 of the Operations v2 issue: every value that reaches an #SBATCH line is checked. Run
+# without --dry-run: were a value let through, the job would be written and submitted (sbatch is
+# on PATH where Slurm is up), so "exit 2 and no runs/" also means "nothing submitted".
+@pytest.mark.parametrize("flags,needle", [
+    (["--account", "proj\n#SBATCH --wrap=id"], "--account 'proj\\n#SBATCH --wrap=id' contains a newline"),
+    (["--sbatch-arg=--reservation=r\nrm -rf ~"], "--sbatch-arg"),
+    (["--job-name", "a\tb"], "--job-name 'a\\tb' contains a newline or another control character"),
+    (["--partition", "gpu\r"], "--partition"),
+    (["--qos", "q\x00"], "--qos"),
+    (["--setup", "module load a\nmodule load b"], "--setup"),
+    (["--env", "A=1\n"], "--env"),
+    (["--sbatch-arg=--gres gpu:8"], "one long sbatch option"),
+    (["--sbatch-arg=-x"], "one long sbatch option"),
+    (["--time", "forever"], "not a Slurm time limit"),
+    (["--mem", "4 GB"], "memory size"),
+    (["--container", "x.sif", "--container-mount", "data:/data"], "absolute paths"),
+    (["--container", "x.sif", "--container-mount", "/d:/d:ro+x"], "apptainer does not take"),
+    (["--container", "x.sif", "--container-runtime", "docker"], "is not one of apptainer, pyxis"),
+    (["--container-mount", "/d:/d"], "need --container IMAGE"),
+    (["--", "experiment=smoke", "name=a\\b"], "backslash"),
+])
+def test_bad_sbatch_value_is_one_line_exit_2_nothing_written_or_submitted(tmp_path, capsys, monkeypatch, flags,
+                                                                           needle):
+    monkeypatch.chdir(tmp_path)
+    argv = ["slurm", *flags] if "--" in flags else ["slurm", *flags, "--", "experiment=smoke"]
+    code, out, err = launch(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("mmgen-launch: error:"), err
+    assert needle in lines[0], lines[0]
+    assert not out and not (tmp_path / "runs").exists()
+
+
+def test_working_directory_with_a_newline_is_refused(tmp_path, capsys, monkeypatch):
+    odd = tmp_path / "a\nb"
+    odd.mkdir()
+    monkeypatch.chdir(odd)
+    code, out, err = launch(["slurm", "--", "experiment=smoke"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "directory" in err and "contains a newline" in err, err
+    assert not (odd / "runs").exists()
+
+
+# values sbatch's directive parser would split (space), end (#) or unquote (quotes, backslash)
+ODD = {"job_name": 'odd "job" #1 it\'s', "account": "a b", "comment": "c\\d 'e' \"f\" #g", "name": "my run %x"}
+
+
+def odd_script(tmp_path: Path, capsys, extra: list[str]) -> tuple[int, str, str]:
+    return launch(["slurm", "--job-name", ODD["job_name"], "--account", ODD["account"],
+                   f"--sbatch-arg=--comment={ODD['comment']}", "--no-requeue", "--time", "10",
+                   "--signal-seconds", "0", *extra], capsys)
+
+
+def test_odd_values_are_quoted_for_sbatch_and_the_script_lints(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, script, err = odd_script(tmp_path, capsys, ["--dry-run", "--", "experiment=smoke", f"name={ODD['name']}"])
+    assert code == 0, err
+    assert '#SBATCH --job-name="odd \\"job\\" #1 it\'s"' in script
+    assert '#SBATCH --account="a b"' in script
+    assert '#SBATCH --comment="c\\\\d \'e\' \\"f\\" #g"' in script
+    # % is Slurm's pattern character in --output: the run name's % is written %%
+    assert f'#SBATCH --output="{tmp_path.resolve()}/runs/my run %%x/launch/slurm-%j.out"' in script
+    assert "'name=my run %x'" in script and "--resubmit '" in script
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    lint_script(path)
+
+
+def test_sbatch_reads_odd_values_back_and_the_job_runs_in_a_run_dir_with_a_space(shapes_dir, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """The real sbatch (a one-node Slurm, .ci/slurm_up.sh) parses the quoted directives into the
+    values given, goes on past them (--no-requeue comes after --account), writes the log into
+    ``runs/my run %x/launch/`` and the job trains there."""
+    from tests.test_slurm import _slurm_state, cancel, job_done, scontrol_job, wait_for
+
+    reason = _slurm_state()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    code, out, err = odd_script(tmp_path, capsys, ["--env", "OMP_NUM_THREADS=1", "--", *TINY,
+                                                   *data_overrides(shapes_dir), f"name={ODD['name']}",
+                                                   "trainer.steps=1"])
+    assert code == 0 and out.startswith("submitted job "), err
+    job_id = out.split()[2]
+    try:
+        wait_for(lambda: job_done(job_id), 150, f"job {job_id} to finish")
+        info = scontrol_job(job_id)
+    finally:
+        cancel(job_id)
+    run = tmp_path / "runs" / ODD["name"]
+    log = (run / "launch" / f"slurm-{job_id}.out").read_text()
+    assert info.get("JobState") == "COMPLETED" and "finished at step 1" in log, (info, log[-3000:])
+    r = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    shown = r.stdout  # scontrol -o would run fields with spaces together
+    assert f"JobName={ODD['job_name']}\n" in shown and f"Account={ODD['account']} QOS" in shown, shown
+    assert f"Comment={ODD['comment']} " in shown and "Requeue=0" in shown, shown
+    assert (run / "checkpoints" / "step_0000001").is_dir()
 
 
 def test_local_sigterm_checkpoints_exits_with_requeue_code_and_resubmit_resumes(shapes_dir, tmp_path):

@@ -12,6 +12,8 @@ preemption needs:
   the agent only takes note; without Slurm it forwards the signal to its worker processes.
 * after such a signal, ``MMGEN_PREEMPTED=1`` is set for workers torchrun restarts, which
   then exit at once with the requeue code (``mmgen/launch/worker.py``) instead of training on.
+* a rendezvous that fails (a node that never joins within ``join_timeout``, a store that
+  cannot be reached) ends the node with one line and exit code 1, not torchrun's traceback.
 """
 from __future__ import annotations
 
@@ -57,10 +59,36 @@ def requeue_code(failures: dict) -> int:
     return REQUEUE_EXIT_CODE if first.exitcode == REQUEUE_EXIT_CODE else 1
 
 
+DEFAULT_JOIN_TIMEOUT = 600  # torchrun's, when --rdzv-conf has no join_timeout
+
+
+def rendezvous_message(args, exc: BaseException) -> str:
+    """One line for a failed rendezvous: which one, what happened, what to do."""
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousClosedError,
+        RendezvousConnectionError,
+        RendezvousTimeoutError,
+    )
+
+    conf = dict(kv.split("=", 1) for kv in args.rdzv_conf.split(",") if "=" in kv)
+    where = f"rendezvous '{args.rdzv_id}' at {args.rdzv_endpoint}"
+    if isinstance(exc, RendezvousTimeoutError):
+        secs = conf.get("join_timeout", DEFAULT_JOIN_TIMEOUT)
+        return (f"{where} timed out after {secs} s: not all of the {args.nnodes} nodes joined (start the same "
+                f"command on every node; --rdzv-timeout S waits longer)")
+    if isinstance(exc, RendezvousConnectionError):
+        cause = " ".join(str(exc.__cause__ or exc).split())
+        return f"{where}: cannot reach or host the rendezvous store ({cause}); is node rank 0 running there?"
+    if isinstance(exc, RendezvousClosedError):
+        return f"{where} was closed: the job ended on another node"
+    return f"{where} failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run torchrun with ``argv`` (torchrun's own options); return the node's exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(argv if argv is not None else sys.argv[1:])
@@ -76,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except SignalException as e:
         return 128 + int(e.sigval)
+    except RendezvousError as e:
+        print(f"mmgen-launch node: error: {rendezvous_message(args, e)}", file=sys.stderr, flush=True)
+        return 1
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
