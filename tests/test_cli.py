@@ -73,3 +73,46 @@ def test_eval_shapes_prints_scores_and_grid(trained_run, tmp_path):
 def test_missing_run_is_one_line_exit_2(args, tmp_path):
     r = run_cli([str(BIN / "mmgen"), *args], cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "error" in r.stderr, r.stderr
+
+
+def _one_line_exit_2(r) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    return r.stderr
+
+
+def test_sample_without_prompt_or_image_is_an_error(trained_run, tmp_path):
+    """v1 exited 0 having done nothing."""
+    err = _one_line_exit_2(run_cli([str(BIN / "mmgen"), "sample", str(trained_run)], cwd=tmp_path))
+    assert "--prompt" in err and "--image" in err
+
+
+@pytest.mark.parametrize("image", ["/etc/passwd", "/nonexistent.png"])
+def test_sample_with_a_file_that_is_no_image_is_one_line(trained_run, tmp_path, image):
+    """v1: PIL's UnidentifiedImageError traceback."""
+    err = _one_line_exit_2(run_cli([str(BIN / "mmgen"), "sample", str(trained_run), "--image", image], cwd=tmp_path))
+    assert image in err
+
+
+def test_eval_shapes_on_data_that_is_not_shapes_names_the_sample(trained_run, tmp_path):
+    """Held-out photos carry no shape spec: v1 raised KeyError: 'shape'."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    val = tmp_path / "photos"
+    val.mkdir()
+    with tarfile.open(val / "000000.tar", "w") as tar:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+            for ext, data in (("jpg", buf.getvalue()), ("txt", b"a photo"), ("json", json.dumps({"url": "x"}).encode())):
+                info = tarfile.TarInfo(f"photo{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    r = run_cli([str(BIN / "mmgen"), "eval", "shapes", str(trained_run), "--num-samples", "2",
+                 "--out", str(tmp_path / "ev"), "--set", f"data.val_shards={val}"], cwd=tmp_path)
+    err = _one_line_exit_2(r)
+    assert "photo000" in err and "shape" in err

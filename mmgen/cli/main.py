@@ -39,14 +39,18 @@ def cmd_sample(a) -> None:
     """Draw with the run's objective's samplers (mmgen.sampling.SAMPLERS), as the trainer does."""
     import numpy as np
     import torch
-    from PIL import Image
-
     from mmgen.data.patches import to_uint8, to_unit
     from mmgen.evaluation.shapes import save_grid
     from mmgen.models.tokenizers.text import build_tokenizer
     from mmgen.sampling import CAPTION, IMAGE, get_sampler, sampler_reading
     from mmgen.trainer.hooks import build_sample_context, objective_samplers
 
+    if not a.prompt and not a.image:
+        raise ValueError("mmgen sample: nothing to do: give --prompt TEXT (text to image) and/or --image FILE "
+                         "(image to text)")
+    for path in a.image or []:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--image {path}: no such file")
     job, model, ckpt = _load_run(a.run, a.set)
     ctx = build_sample_context(job, build_tokenizer(job.data.tokenizer))
     names, owner = objective_samplers(job.objective.name), f"objective={job.objective.name}"
@@ -57,11 +61,20 @@ def cmd_sample(a) -> None:
         print(f"{len(imgs)} images from {ckpt} -> {out.resolve()}")
     if a.image:
         side = (job.data.image_size,) * 2
-        imgs = torch.stack([to_unit(np.asarray(Image.open(p).convert("RGB").resize(side)))
-                            for p in a.image])
+        imgs = torch.stack([to_unit(np.asarray(_open_image(p).resize(side))) for p in a.image])
         texts = get_sampler(sampler_reading(names, IMAGE, owner))(model, imgs, ctx)
         for path, text in zip(a.image, texts):
             print(f"{path}: {text}")
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--image {path}: not a readable image ({type(e).__name__})") from e
 
 
 def cmd_eval(a) -> None:

@@ -41,7 +41,7 @@ def evaluate_shapes(model: nn.Module, ctx: SampleContext, held_out: HeldOut, cfg
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = held_out.read(cfg.num_samples)
-    specs = [ShapeSpec.from_json(s.info) for s in samples]
+    specs = [_spec(s) for s in samples]
     captions = [s.caption for s in samples]
     generated, texts = [], []
     for i in range(0, len(samples), cfg.batch_size):
@@ -79,3 +79,16 @@ def print_report(report: dict) -> None:
     if "caption" in report:
         print(f"  generated captions: {fmt(report['caption'])}")
     print(f"  sample grid: {report['grid']}")
+
+
+SPEC_FIELDS = ("shape", "color", "size", "row", "col")
+
+
+def _spec(sample) -> ShapeSpec:
+    """The sample's drawn shape, read from its json; other data (real photos) cannot be scored
+    from pixels: one line naming the sample instead of a KeyError."""
+    missing = [k for k in SPEC_FIELDS if k not in (sample.info or {})]
+    if missing:
+        raise ValueError(f"shapes evaluation: held-out sample '{sample.key}' has no {missing[0]!r} in its json: "
+                         "`mmgen eval shapes` scores the embedded shapes data (mmgen data make-shapes) only")
+    return ShapeSpec.from_json(sample.info)
