@@ -154,8 +154,8 @@ class Engine(ABC):
 
     @abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full, unsharded plain-model state (a collective under sharded backends: every
-        rank calls it and gets the result)."""
+        """Full, unsharded plain-model state on rank 0 (a collective under sharded backends:
+        every rank calls it; other ranks may get an empty dict)."""
 
 
 class TorchEngine(Engine):

@@ -69,4 +69,6 @@ def build_engine(model: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig
 
 def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """The replicated weights, one file."""
+    if not (ckpt / "model.pt").is_file():
+        raise FileNotFoundError(f"{ckpt}: not a DDP checkpoint (no model.pt)")
     return torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)

@@ -271,6 +271,8 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     shards = ckpt / DS_TAG
+    if not shards.is_dir():
+        raise FileNotFoundError(f"{ckpt}: not a DeepSpeed checkpoint (no {DS_TAG}/)")
     if not any(shards.glob("*_optim_states.pt")):
         states = torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}

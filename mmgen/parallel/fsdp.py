@@ -94,7 +94,8 @@ class FSDPEngine(TorchEngine):
                        optim_state_dict=state["optimizer"])
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights on CPU (a collective: every rank calls it; all get the result)."""
+        """Full fp32 weights on CPU (a collective: every rank calls it; rank 0 gets the result,
+        the others an empty dict, so host memory holds one copy per node at most)."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_model_state_dict)
 
@@ -108,6 +109,8 @@ def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    if not (ckpt / FSDP_DIR).is_dir():
+        raise FileNotFoundError(f"{ckpt}: not an FSDP checkpoint (no {FSDP_DIR}/)")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "full.pt"
         dcp_to_torch_save(str(ckpt / FSDP_DIR), str(out))
