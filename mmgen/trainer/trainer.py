@@ -84,8 +84,9 @@ class Trainer:
         self.num_params = num_params(model)  # before the backend: sharding leaves parts behind
 
         def init(module: torch.nn.Module) -> None:
-            # the engine calls this on an unsharded materialised copy: same seed -> same
-            # weights under any layout
+            # the engine calls this on an unsharded, materialised plain model (the model
+            # itself, or a copy the shards are cut from): same seed -> same weights under any
+            # layout
             torch.manual_seed(job.trainer.seed)
             module.init_weights()
             if job.checkpoint.init_from:
