@@ -1,18 +1,12 @@
 # Consolidated model weights: export a checkpoint to one safetensors file, and load either form.
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import os
 from pathlib import Path
 
 import torch
 
 from mmgen.checkpoint.manager import complete_checkpoints
-
-log = logging.getLogger(__name__)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -26,37 +20,33 @@ def find_checkpoint(path: str | Path) -> Path:
     return done[-1]
 
 
-def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Plain-model state dict from any backend's checkpoint layout."""
-    if (ckpt / "model.pt").is_file():  # DDP: replicated, one file
-        return torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+def checkpoint_backend(ckpt: Path) -> str:
+    """The backend (``parallel.name``) that wrote ``ckpt``, as its meta.json records it."""
+    meta_file = ckpt / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if "backend" in meta:
+        return meta["backend"]
+    # Checkpoints written before meta.json named the backend (and DeepSpeed directories made
+    # outside mmgen): recognised by their files. Any ZeRO stage is read by the same code.
     from mmgen.parallel.deepspeed import DS_TAG
-    from mmgen.parallel.fsdp import FSDP_DIR, fsdp_state_dict
+    from mmgen.parallel.fsdp import FSDP_DIR
 
-    if (ckpt / FSDP_DIR).is_dir():  # FSDP2: torch.distributed.checkpoint shards
-        return fsdp_state_dict(ckpt)
-    if (ckpt / DS_TAG).is_dir():  # ZeRO: shards in DeepSpeed's layout (mmgen.parallel.deepspeed)
-        return _deepspeed_state_dict(ckpt, DS_TAG)
+    for marker, backend in (("model.pt", "ddp"), (FSDP_DIR, "fsdp2"), (DS_TAG, "zero1")):
+        if (ckpt / marker).exists():
+            return backend
     raise FileNotFoundError(f"{ckpt}: no model state found (model.pt, {FSDP_DIR}/ or {DS_TAG}/)")
 
 
-def _deepspeed_state_dict(ckpt: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights from a DeepSpeed checkpoint: ZeRO 1-3 are merged from the optimizer's
-    fp32 master shards by DeepSpeed's own zero_to_fp32; a stage-0 checkpoint is not a ZeRO
-    checkpoint and holds the whole module in ``mp_rank_00_model_states.pt['module']``."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Plain-model state dict of a checkpoint of any backend, read by the backend that wrote
+    it (no process group needed)."""
+    from mmgen.parallel.registry import BACKENDS, get_backend
 
-    shards = ckpt / tag
-    if not any(shards.glob("*_optim_states.pt")):
-        states = torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    # zero_to_fp32 prints its progress (and tqdm bars) for its own CLI: keep a CLI's output ours
-    chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
-    log.debug("zero_to_fp32: %s", chatter.getvalue())
-    return state
+    backend = checkpoint_backend(ckpt)
+    if backend not in BACKENDS:
+        raise ValueError(f"{ckpt}: written by backend '{backend}', which this mmgen does not have "
+                         f"(available: {', '.join(BACKENDS)})")
+    return get_backend(backend).checkpoint_state_dict(ckpt)
 
 
 def export_safetensors(path: str | Path, out: str | Path) -> Path:

@@ -4,7 +4,9 @@
 * backend files (``model.pt``, ``optimizer.pt`` for DDP; sharded files for ZeRO/FSDP),
 * ``train_state.pt``: step, tokens seen, LR scheduler, objective RNG, counters (rank 0),
 * ``rank_00000.pt`` ...: per-rank RNG states and data-loader cursor,
-* ``meta.json``: step, world size, time; written last.
+* ``meta.json``: step, time, and the layout that wrote it: backend (``parallel.name``),
+  parallel degrees (dp, tp, pp, ep), world size, versions (torch, deepspeed where used, the
+  mmgen git SHA); written last. ``mmgen export`` reads the backend from it.
 
 Everything is written into ``step_0000100.tmp``; after a barrier rank 0 renames it. A
 directory without the ``.tmp`` suffix and with ``meta.json`` is complete; anything else is
@@ -55,8 +57,17 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, rank: int, world_size: int):
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, rank: int, world_size: int,
+                 layout: dict | None = None):
+        """Args:
+            cfg: the checkpoint config.
+            run_dir: the run directory (checkpoints go to ``run_dir/checkpoints``).
+            rank, world_size: this process among all ranks (one ``rank_N.pt`` each).
+            layout: what meta.json records about the writer (``Engine.layout()`` plus the
+                mmgen version): ``backend``, ``parallel`` degrees, ``versions``.
+        """
         self.cfg = cfg
+        self.layout = dict(layout or {})
         self.root = Path(run_dir) / "checkpoints"
         self.rank, self.world_size = rank, world_size
         if rank == 0:
@@ -81,7 +92,7 @@ class CheckpointManager:
             torch.save(train_state, tmp / "train_state.pt")
         barrier()  # every rank's files are on disk before the checkpoint is declared complete
         if self.rank == 0:
-            meta = {"step": step, "world_size": self.world_size, "time": time.time(),
+            meta = {"step": step, **self.layout, "world_size": self.world_size, "time": time.time(),
                     "save_seconds": round(time.time() - t0, 3)}
             (tmp / "meta.json").write_text(json.dumps(meta))
             if final.exists():  # re-saving the same step (e.g. final == periodic)

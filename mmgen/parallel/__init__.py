@@ -1,36 +1,39 @@
-# Parallelism backends behind one Engine interface; chosen by `parallel.name`.
+# Parallelism backends behind one Engine interface; chosen by `parallel.name` from the registry.
 from __future__ import annotations
 
-from mmgen.parallel.base import Engine
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from mmgen.parallel.base import Engine, EngineContext
+from mmgen.parallel.dims import ParallelDims
 from mmgen.parallel.dist import DistInfo
+from mmgen.parallel.parallelize import materialize, meta_copy
+from mmgen.parallel.registry import BACKENDS, get_backend
 
 
-def build_engine(module, parallel_cfg, optim_cfg, dist: DistInfo, *, micro_batch_size: int = 1,
-                 grad_accum: int = 1, precision: str = "auto") -> Engine:
-    """Wrap the plain model according to ``parallel_cfg.name`` and build its optimizer.
+def build_engine(model: nn.Module, parallel_cfg, optim_cfg, ctx: EngineContext, *,
+                 init: Callable[[nn.Module], None], compile: bool = False) -> Engine:
+    """Parallelize the meta-device plain ``model``, materialise and initialise it, and wrap it
+    in the engine of backend ``parallel_cfg.name``.
 
     Args:
-        module: the plain model, materialised on ``dist.device``.
+        model: the plain model, built under ``torch.device("meta")``.
         parallel_cfg: the ParallelConfig.
         optim_cfg: the OptimConfig.
-        dist: rank/world/device.
-        micro_batch_size, grad_accum, precision: ``data.batch_size``, ``trainer.grad_accum`` and
-            ``trainer.precision``, which DeepSpeed's config needs (the component receives its
-            sub-configs only, so the trainer passes these facts explicitly).
+        ctx: rank/world/device, the parallel layout and the step facts (precision, micro-batch
+            size, accumulation steps).
+        init: fills a materialised plain model with its initial weights (seeded
+            ``init_weights``, or a checkpoint's weights); the result is the same under every
+            backend and degree.
+        compile: ``trainer.compile`` (every block, in place, after activation checkpointing).
     """
-    if parallel_cfg.name == "ddp":
-        from mmgen.parallel.activation_checkpointing import apply_activation_checkpointing
-        from mmgen.parallel.ddp import apply_ddp
+    backend = get_backend(parallel_cfg.name)
+    reference = meta_copy(model)   # unsharded: where a sharded layout takes its initial weights from
+    backend.parallelize(model, parallel_cfg, ctx, compile=compile)
+    materialize(model, reference, ctx.dist.device, init)
+    del reference
+    return backend.build_engine(model, parallel_cfg, optim_cfg, ctx)
 
-        apply_activation_checkpointing(module, parallel_cfg.activation_checkpointing)
-        return apply_ddp(module, parallel_cfg, optim_cfg, dist)
-    if parallel_cfg.name == "fsdp2":
-        from mmgen.parallel.fsdp import apply_fsdp
 
-        return apply_fsdp(module, parallel_cfg, optim_cfg, dist)
-    if parallel_cfg.is_zero:
-        from mmgen.parallel.deepspeed import apply_deepspeed
-
-        return apply_deepspeed(module, parallel_cfg, optim_cfg, dist, micro_batch_size=micro_batch_size,
-                               grad_accum=grad_accum, precision=precision)
-    raise ValueError(f"unknown parallel backend '{parallel_cfg.name}'")
+__all__ = ["BACKENDS", "DistInfo", "Engine", "EngineContext", "ParallelDims", "build_engine", "get_backend"]

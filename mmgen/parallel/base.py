@@ -1,45 +1,125 @@
 # The interface every parallelism backend implements; the trainer only talks to this.
 """An ``Engine`` owns the (possibly wrapped) model and its optimizer and hides how gradients
 are synchronised and how state is sharded: DDP (ddp.py), FSDP2 (fsdp.py) and DeepSpeed ZeRO
-(deepspeed.py) implement it; megatron-core plugs in behind the same methods."""
+(deepspeed.py) implement it; megatron-core plugs in behind the same methods.
+
+The engine owns the step: :meth:`Engine.forward_backward` runs every micro-batch of one
+optimizer step (accumulation context, mixed precision, backward) and :meth:`Engine.step`
+applies the update. A pipeline schedule overrides ``forward_backward``; the trainer only
+supplies ``loss_fn`` and never loops over micro-batches itself. The data-parallel rank, size
+and group the trainer uses for data streams, noise seeds and count reductions come from the
+engine's :class:`~mmgen.parallel.dims.ParallelDims`.
+"""
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mmgen.parallel.dims import ParallelDims
 from mmgen.parallel.dist import DistInfo
+
+# loss_fn(model, micro_batch, micro_index) -> named scalar losses; "total" is back-propagated
+LossFn = Callable[[torch.nn.Module, object, int], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """Facts of the run that every engine is built with, besides the model and its configs.
+
+    Args:
+        dist: rank, world size and device of this process.
+        dims: the parallel layout (built by the trainer before the data and the model).
+        precision: ``trainer.precision`` (auto = bf16 autocast on CUDA, fp32 on CPU).
+        micro_batch_size: ``data.batch_size`` (DeepSpeed's config needs it).
+        grad_accum: micro-batches per optimizer step (``trainer.grad_accum``).
+    """
+
+    dist: DistInfo
+    dims: ParallelDims
+    precision: str = "auto"
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.dist.device.type == "cuda")
 
 
 class Engine(ABC):
     """What the trainer steps.
 
     Attributes:
+        name: the backend (``parallel.name``), recorded in every checkpoint's meta.json.
         model: callable used for training forwards (may be a wrapper such as DDP).
         module: the plain single-device model (sampling, evaluation, export).
         optimizer: the optimizer the LR scheduler drives.
         dist: rank/world/device of this process.
-        dp_size: data-parallel degree (ranks that see different data).
+        dims: the parallel layout.
     """
 
     model: torch.nn.Module
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    dist: DistInfo
 
+    def __init__(self, name: str, ctx: EngineContext):
+        self.name, self.ctx = name, ctx
+        self.dist, self.dims = ctx.dist, ctx.dims
+
+    # -- the data-parallel layout ------------------------------------------------------------
     @property
     def dp_size(self) -> int:
-        return self.dist.world_size
+        """Data-parallel degree (ranks that see different data)."""
+        return self.dims.dp
 
     @property
     def dp_rank(self) -> int:
-        return self.dist.rank
+        return self.dims.dp_rank
+
+    @property
+    def dp_group(self):
+        """Process group of the data-parallel peers (None: the default group of all ranks)."""
+        return self.dims.dp_group(self.dist.device.type)
+
+    # -- the step ------------------------------------------------------------------------------
+    def autocast(self):
+        """Mixed precision of the forward (bf16 autocast per ``trainer.precision``)."""
+        if self.ctx.bf16:
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def accumulate(self, is_last_microbatch: bool):
         """Context for one micro-batch's forward+backward; gradient sync only on the last."""
         return contextlib.nullcontext()
+
+    def forward_backward(self, micro_batches: Sequence, loss_fn: LossFn) -> dict[str, torch.Tensor]:
+        """Forward and backward of every micro-batch of one optimizer step, gradients
+        accumulated and synchronised once (after the last micro-batch).
+
+        Args:
+            micro_batches: this rank's micro-batches of the step, on the device.
+            loss_fn: ``loss_fn(model, batch, micro)`` runs the forward of micro-batch number
+                ``micro`` with ``model`` and returns named scalar losses, already normalised by
+                global counts; ``"total"`` is back-propagated. The index lets the caller seed
+                per-micro-batch noise.
+
+        Returns:
+            every loss name -> its detached fp32 sum over this rank's micro-batches.
+        """
+        sums: dict[str, torch.Tensor] = {}
+        last = len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            with self.accumulate(i == last):
+                with self.autocast():
+                    losses = loss_fn(self.model, batch, i)
+                self.backward(losses["total"])
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        return sums
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
@@ -54,6 +134,16 @@ class Engine(ABC):
         """Drop the accumulated gradients without updating (non-finite loss)."""
         self.optimizer.zero_grad(set_to_none=True)
 
+    # -- state -----------------------------------------------------------------------------------
+    def layout(self) -> dict:
+        """What a checkpoint records about the layout that wrote it (meta.json)."""
+        return {"backend": self.name, "parallel": self.dims.degrees(), "world_size": self.dims.world_size,
+                "versions": self.versions()}
+
+    def versions(self) -> dict[str, str]:
+        """Versions of the libraries whose formats this engine's checkpoints depend on."""
+        return {"torch": torch.__version__}
+
     @abstractmethod
     def save(self, path: Path) -> None:
         """Write model and optimizer state under ``path`` (called on every rank)."""
@@ -64,7 +154,8 @@ class Engine(ABC):
 
     @abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full, unsharded plain-model state on rank 0 (export)."""
+        """Full, unsharded plain-model state on rank 0 (a collective under sharded backends:
+        every rank calls it; other ranks may get an empty dict)."""
 
 
 class TorchEngine(Engine):

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mmgen.parallel.registry import BACKENDS, check_backend
+
 # DeepSpeed ZeRO stages are backend names rather than a `zero_stage` field next to a generic
 # `deepspeed` name: `parallel=zero2` selects configs/parallel/zero2.yaml, `parallel.name=zero3`
 # works on the command line too, and no pair of fields can disagree about the stage.
-ZERO_BACKENDS = ("zero1", "zero2", "zero3")
-BACKENDS = ("ddp", "fsdp2", *ZERO_BACKENDS)
+ZERO_BACKENDS = tuple(n for n in BACKENDS if n.startswith("zero"))
 ACTIVATION_CHECKPOINTING = ("none", "torch", "deepspeed")
 
 
@@ -86,8 +87,7 @@ class ParallelConfig:
         return int(self.name[-1]) if self.is_zero else 0
 
     def validate(self) -> None:
-        if self.name not in BACKENDS:
-            raise ValueError(f"parallel.name='{self.name}' is not a backend (available: {', '.join(BACKENDS)})")
+        check_backend(self.name)  # the registry is the list of backends
         if self.dist_backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"parallel.dist_backend='{self.dist_backend}' must be auto, nccl or gloo")
         if self.timeout_minutes <= 0:

@@ -11,32 +11,37 @@ What mmgen keeps for itself, so that the trainer loop is the same as under DDP:
   gradient is the sum over ranks and micro-batches. DeepSpeed averages over data-parallel ranks
   and, by default, divides the loss by the accumulation steps: :meth:`ZeroEngine.backward`
   multiplies by the DP size and passes ``scale_wrt_gas=False``;
-* accumulation boundaries: the trainer says which micro-batch is the last
-  (``set_gradient_accumulation_boundary``) and calls ``step`` once per optimizer step.
+* accumulation boundaries: ``forward_backward`` (the base Engine's loop) says which
+  micro-batch is the last (``set_gradient_accumulation_boundary``) and the trainer calls
+  ``step`` once per optimizer step.
+
+Parallelize (on the meta model, :mod:`mmgen.parallel.parallelize`): activation checkpointing
+-> compile; the model is then materialised and initialised whole on every rank (the same
+weights as one process) and ``deepspeed.initialize`` partitions it (ZeRO-3: each rank keeps
+its part of the parameters; ``deepspeed.zero.Init`` is not used).
 
 Checkpoints are DeepSpeed's own sharded files under ``<checkpoint>/deepspeed/`` (every rank
 writes its optimizer shard), inside mmgen's atomic tmp-dir + rename layout;
-:func:`mmgen.checkpoint.export.consolidated_state_dict` turns them into one plain state dict
-with DeepSpeed's ``zero_to_fp32``.
+:func:`checkpoint_state_dict` turns them into one plain state dict with DeepSpeed's
+``zero_to_fp32`` (``mmgen export``).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
+import io
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from mmgen.optim import OptimConfig, build_optimizer
-from mmgen.parallel.activation_checkpointing import apply_activation_checkpointing
-from mmgen.parallel.base import Engine
+from mmgen.parallel.base import Engine, EngineContext
 from mmgen.parallel.config import ParallelConfig
-from mmgen.parallel.dist import DistInfo
+from mmgen.parallel.dist import DistInfo, ensure_process_group, process_group_backend
+from mmgen.parallel.parallelize import apply_block_transforms
 from mmgen.parallel.ds_config import build_ds_config, load_user_config, merge_user_config
 
 log = logging.getLogger(__name__)
@@ -56,13 +61,13 @@ class ZeroEngine(Engine):
         stage: the ZeRO stage in effect.
     """
 
-    def __init__(self, module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, dist: DistInfo, *,
-                 micro_batch_size: int, grad_accum: int, precision: str):
+    def __init__(self, module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, ctx: EngineContext):
+        super().__init__(cfg.name, ctx)
+        dist = ctx.dist
         deepspeed = import_deepspeed(dist.device)
-        ensure_process_group(deepspeed, cfg, dist)
-        self.module, self.dist = module, dist
-        bf16 = precision == "bf16" or (precision == "auto" and dist.device.type == "cuda")
-        base = build_ds_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum, bf16=bf16,
+        init_deepspeed_distributed(deepspeed, cfg, dist)
+        self.module = module
+        base = build_ds_config(cfg, micro_batch_size=ctx.micro_batch_size, grad_accum=ctx.grad_accum, bf16=ctx.bf16,
                                grad_clip=optim.grad_clip, pin_memory=dist.device.type == "cuda")
         user = load_user_config(cfg.ds_config) if cfg.ds_config else {}
         self.ds_config, conflicts = merge_user_config(base, user)
@@ -70,16 +75,11 @@ class ZeroEngine(Engine):
             for c in conflicts:
                 log.warning("parallel.ds_config overrides %s", c)
         self.stage = cfg.zero_stage  # a user JSON may not change it (ds_config.load_user_config)
-
-        # Order (STYLE habit 1): activation checkpointing -> (compile, done by the trainer on
-        # the blocks in place) -> ZeRO.
-        apply_activation_checkpointing(module, cfg.activation_checkpointing)
         if self.stage == 3:
-            check_zero3_compile(module, dist.device)
             register_external_parameters(deepspeed, module)
         # MoE (later issue): experts stay plain modules in the model. This is where the backend
         # decides their sharding: wrap or replace each expert bank with DeepSpeed's expert-
-        # parallel layer (deepspeed.moe, ep_size from ParallelConfig), mapping the plain
+        # parallel layer (deepspeed.moe, ep_size from ParallelDims), mapping the plain
         # weights one-to-one, and give the optimizer expert/non-expert parameter groups
         # (deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer) so ZeRO
         # shards expert states over the expert-data-parallel group only.
@@ -93,7 +93,7 @@ class ZeroEngine(Engine):
     # -- the step -------------------------------------------------------------------------
     @contextlib.contextmanager
     def accumulate(self, is_last_microbatch: bool):
-        # the trainer owns the boundary (it steps once per grad_accum micro-batches)
+        # forward_backward owns the boundary (the trainer steps once per grad_accum micro-batches)
         self.model.set_gradient_accumulation_boundary(is_last_microbatch)
         yield
 
@@ -130,6 +130,11 @@ class ZeroEngine(Engine):
             log.warning("non-finite loss but finite gradients: DeepSpeed applied this update")
 
     # -- checkpoints ------------------------------------------------------------------------
+    def versions(self) -> dict[str, str]:
+        import deepspeed
+
+        return {**super().versions(), "deepspeed": deepspeed.__version__}
+
     def save(self, path: Path) -> None:
         self.model.save_checkpoint(str(path), tag=DS_TAG, client_state={}, save_latest=False)
         if self.dist.is_main:
@@ -194,18 +199,14 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
-def ensure_process_group(deepspeed, cfg: ParallelConfig, dist: DistInfo) -> None:
-    """DeepSpeed needs a process group even for one process (mmgen's init skips it there)."""
-    backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if dist.device.type == "cuda" else "gloo")
-    if not tdist.is_initialized():
-        if dist.world_size != 1:
-            raise RuntimeError("ZeRO with several ranks needs the process group from init_distributed")
-        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1,
-                                 timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+def init_deepspeed_distributed(deepspeed, cfg: ParallelConfig, dist: DistInfo) -> None:
+    """DeepSpeed's view of the process group (it needs one even for one process)."""
+    ensure_process_group(dist, cfg.dist_backend, cfg.timeout_minutes)
     # deepspeed.initialize asserts what a launcher would have exported
     for key, value in (("RANK", dist.rank), ("WORLD_SIZE", dist.world_size), ("LOCAL_RANK", dist.local_rank)):
         os.environ.setdefault(key, str(value))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, dist_init_required=False)
+    deepspeed.init_distributed(dist_backend=process_group_backend(cfg.dist_backend, dist.device),
+                               auto_mpi_discovery=False, dist_init_required=False)
 
 
 def check_zero3_compile(module: torch.nn.Module, device: torch.device) -> None:
@@ -234,18 +235,50 @@ def register_external_parameters(deepspeed, module: torch.nn.Module) -> None:
         deepspeed.zero.register_external_parameter(module, module.tok_embeddings.weight)
 
 
-def apply_deepspeed(module, cfg: ParallelConfig, optim: OptimConfig, dist: DistInfo, *, micro_batch_size: int,
-                    grad_accum: int, precision: str) -> ZeroEngine:
-    """Wrap the plain model in a DeepSpeed ZeRO engine built from mmgen's config.
+# -- the backend's registry functions (mmgen.parallel.registry) ----------------------------------
+def parallelize(module: torch.nn.Module, cfg: ParallelConfig, ctx: EngineContext, *, compile: bool) -> None:
+    """Activation checkpointing -> compile on the meta-device plain model; ZeRO itself comes
+    with ``deepspeed.initialize`` in :func:`build_engine` (it needs real parameters)."""
+    if ctx.dims.dp != ctx.dims.world_size:
+        raise ValueError(f"parallel={cfg.name}: DeepSpeed here shards over every rank; layout {ctx.dims.degrees()} "
+                         f"needs a backend with tensor/pipeline parallelism")
+    import_deepspeed(ctx.dist.device)  # before activation_checkpointing=deepspeed imports it
+    apply_block_transforms(module, cfg.activation_checkpointing, compile)
+    if cfg.zero_stage == 3:
+        check_zero3_compile(module, ctx.dist.device)
+
+
+def build_engine(module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, ctx: EngineContext) -> ZeroEngine:
+    """Wrap the materialised, initialised plain model in a DeepSpeed ZeRO engine built from
+    mmgen's config (registry function).
 
     Args:
-        module: the plain model, materialised and initialised on ``dist.device``.
+        module: the plain model on ``ctx.dist.device``.
         cfg: the ParallelConfig (``name`` zero1|zero2|zero3).
         optim: optimizer config (AdamW, clipping).
-        dist: rank/world/device.
-        micro_batch_size: ``data.batch_size``.
-        grad_accum: ``trainer.grad_accum``.
-        precision: ``trainer.precision`` (bf16 -> DeepSpeed bf16; auto = bf16 on CUDA).
+        ctx: rank/world/device, layout, precision (bf16 -> DeepSpeed bf16), ``data.batch_size``
+            and ``trainer.grad_accum``.
     """
-    return ZeroEngine(module, cfg, optim, dist, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                      precision=precision)
+    return ZeroEngine(module, cfg, optim, ctx)
+
+
+def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint, without a process group (export): ZeRO 1-3 are
+    merged from the optimizer's fp32 master shards by DeepSpeed's own zero_to_fp32; a stage-0
+    checkpoint is not a ZeRO checkpoint and holds the whole module in
+    ``mp_rank_00_model_states.pt['module']``."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    shards = ckpt / DS_TAG
+    if not shards.is_dir():
+        raise FileNotFoundError(f"{ckpt}: not a DeepSpeed checkpoint (no {DS_TAG}/)")
+    if not any(shards.glob("*_optim_states.pt")):
+        states = torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    # zero_to_fp32 prints its progress (and tqdm bars) for its own CLI: keep a CLI's output ours
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    log.debug("zero_to_fp32: %s", chatter.getvalue())
+    return state

@@ -1,7 +1,6 @@
 # The training loop: build_* steps, then a short loop that delegates to train_step.
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ from mmgen.models import build_model, num_params
 from mmgen.models.tokenizers.text import build_tokenizer
 from mmgen.objectives import build_objective, weighted_total
 from mmgen.optim import build_scheduler
-from mmgen.parallel import build_engine
+from mmgen.parallel import EngineContext, ParallelDims, build_engine
 from mmgen.parallel.dist import DistInfo, all_reduce_sum
 from mmgen.trainer.hooks import build_hooks
 from mmgen.trainer.signals import Preempted, PreemptionFlag
@@ -71,35 +70,41 @@ class Trainer:
         self.run_dir = Path(job.run_dir)
         self.tokenizer = build_tokenizer(job.data.tokenizer)
         self.state = TrainState()
+        # the layout is arithmetic on (config, world): the data loader gets its data-parallel
+        # rank and size from it before any model exists, and the engine is built from it
+        self.dims = ParallelDims.from_config(job.parallel, dist.world_size, dist.rank)
         self.build_data()  # first: a bad shard pattern fails before any model is built
         self.hooks = build_hooks(job, self.tokenizer)  # samples and final eval; checks held-out data
         self.build_model_and_engine()
         self.build_objective()
-        self.ckpt = CheckpointManager(job.checkpoint, self.run_dir, dist.rank, dist.world_size)
+        self.build_checkpointing()
         self.maybe_resume()
         self.build_metrics()
 
     # -- build steps --------------------------------------------------------------------
     def build_model_and_engine(self) -> None:
         job, dev = self.job, self.dist.device
-        torch.manual_seed(job.trainer.seed)  # same seed -> same weights under any layout
         with torch.device("meta"):
             model = build_model(job.model)
-        model.to_empty(device=dev)
-        model.init_weights()
-        if job.checkpoint.init_from:
-            from mmgen.checkpoint.export import load_model_weights
+        self.num_params = num_params(model)  # before the backend: sharding leaves parts behind
 
-            load_model_weights(model, job.checkpoint.init_from)
-        if job.trainer.compile:
-            for block in model.layers:  # in place: state-dict keys stay those of the plain model
-                block.compile()
-        self.num_params = num_params(model)  # before the backend: ZeRO-3 leaves shards behind
-        self.engine = build_engine(model, job.parallel, job.optim, self.dist, micro_batch_size=job.data.batch_size,
-                                   grad_accum=job.trainer.grad_accum, precision=job.trainer.precision)
+        def init(module: torch.nn.Module) -> None:
+            # the engine calls this on an unsharded, materialised plain model (the model
+            # itself, or a copy the shards are cut from): same seed -> same weights under any
+            # layout
+            torch.manual_seed(job.trainer.seed)
+            module.init_weights()
+            if job.checkpoint.init_from:
+                from mmgen.checkpoint.export import load_model_weights
+
+                load_model_weights(module, job.checkpoint.init_from)
+
+        ctx = EngineContext(self.dist, self.dims, precision=job.trainer.precision,
+                            micro_batch_size=job.data.batch_size, grad_accum=job.trainer.grad_accum)
+        self.engine = build_engine(model, job.parallel, job.optim, ctx, init=init, compile=job.trainer.compile)
         self.scheduler = build_scheduler(job.optim, self.engine.optimizer, job.trainer.steps)
-        log.info("model %s: %.2fM parameters (non-embedding), %s", job.model.name,
-                 self.num_params / 1e6, dev)
+        log.info("model %s: %.2fM parameters (non-embedding), %s, %s %s", job.model.name,
+                 self.num_params / 1e6, dev, job.parallel.name, self.dims.degrees())
 
     def build_objective(self) -> None:
         self.objective = build_objective(self.job.objective)
@@ -110,15 +115,24 @@ class Trainer:
         self.generator = torch.Generator(device=self.dist.device)
 
     def build_data(self) -> None:
-        self.loader = build_dataloader(self.job.data, self.tokenizer, self.dist.rank,
-                                       self.dist.world_size, split="train",
+        # data-parallel peers read different data; tensor/pipeline peers the same
+        self.loader = build_dataloader(self.job.data, self.tokenizer, self.dims.dp_rank,
+                                       self.dims.dp, split="train",
                                        grad_accum=self.job.trainer.grad_accum)
         self.data_iter = None
         self.key_log = None
 
     def stream(self, micro: int) -> int:
         """The data stream of micro-batch ``micro`` of a step on this rank (AccumLoader)."""
-        return stream_index(self.dist.rank, self.dist.world_size, micro)
+        return stream_index(self.engine.dp_rank, self.engine.dp_size, micro)
+
+    def build_checkpointing(self) -> None:
+        from mmgen.trainer.run import git_sha
+
+        layout = self.engine.layout()
+        layout["versions"]["mmgen"] = git_sha()
+        self.ckpt = CheckpointManager(self.job.checkpoint, self.run_dir, self.dist.rank,
+                                      self.dist.world_size, layout=layout)
 
     def build_metrics(self) -> None:
         job = self.job
@@ -207,7 +221,7 @@ class Trainer:
         budget = self.job.trainer.max_minutes
         late = bool(budget) and time.time() - self.start_time > budget * 60
         flags = torch.tensor([float(self.preemption.received is not None), float(late)], device=self.dist.device)
-        flags = all_reduce_sum(flags)
+        flags = all_reduce_sum(flags)  # over every rank (not only data-parallel peers): all stop together
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def next_batches(self):
@@ -239,34 +253,25 @@ class Trainer:
         self.key_log.write(json.dumps(rec) + "\n")
         self.key_log.flush()
 
-    def autocast(self):
-        prec = self.job.trainer.precision
-        dev = self.dist.device
-        if prec == "bf16" or (prec == "auto" and dev.type == "cuda"):
-            return torch.autocast(dev.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def train_step(self, step_input) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; losses use global counts."""
         batches, counts, tokens = step_input
+        dp_group = self.engine.dp_group
         names = sorted(counts[0])
         local = torch.tensor([[float(c[n]) for n in names] for c in counts]).sum(0)
-        denominators = dict(zip(names, all_reduce_sum(local.to(self.dist.device)).clamp(min=1)))
-        weights = self.job.objective.weights
-        loss_sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
-            self.generator.manual_seed(noise_seed(self.job.trainer.seed, self.state.step + 1,
-                                                  self.stream(i)))
-            with self.engine.accumulate(i == len(batches) - 1):
-                with self.autocast():
-                    losses = self.objective(self.engine.model, batch, denominators, self.generator)
-                    total = weighted_total(losses, weights)
-                self.engine.backward(total)
-            for k, v in {**losses, "total": total}.items():
-                loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
+        # data-parallel peers hold different positions; tensor/pipeline peers the same ones
+        denominators = dict(zip(names, all_reduce_sum(local.to(self.dist.device), dp_group).clamp(min=1)))
+        seed, step, weights = self.job.trainer.seed, self.state.step + 1, self.job.objective.weights
+
+        def loss_fn(model, batch, micro: int) -> dict[str, torch.Tensor]:
+            self.generator.manual_seed(noise_seed(seed, step, self.stream(micro)))
+            losses = self.objective(model, batch, denominators, self.generator)
+            return {**losses, "total": weighted_total(losses, weights)}
+
+        loss_sums = self.engine.forward_backward(batches, loss_fn)
         keys = sorted(loss_sums)
         reduced = all_reduce_sum(torch.stack([loss_sums[k] for k in keys] + [
-            torch.tensor(float(tokens), device=self.dist.device)]))
+            torch.tensor(float(tokens), device=self.dist.device)]), dp_group)
         stats = {f"loss/{k}": float(reduced[i]) for i, k in enumerate(keys)}
         lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(stats["loss/total"]):  # same value on every rank: all agree
@@ -305,11 +310,13 @@ class Trainer:
     def perf_stats(self, window: dict) -> dict:
         """Throughput over the steps since the last record (not just the last step): tokens
         (non-padding) and positions (all) per second, model TFLOP/s counted from the batches
-        (summed over ranks) and MFU against the peak of all ranks' devices."""
+        (summed over data-parallel ranks) and MFU against the peak of all ranks' devices."""
         step_s = max(window["step_s"], 1e-9)
-        # positions and FLOPs were counted per rank: summed here, once per record, not per step
+        # positions and FLOPs were counted per rank from its batches, summed here once per record:
+        # over data-parallel peers only, since tensor/pipeline peers work on the same batches
         positions, flops = all_reduce_sum(torch.tensor(
-            [window["positions"], window["flops"]], dtype=torch.float64, device=self.dist.device)).tolist()
+            [window["positions"], window["flops"]], dtype=torch.float64, device=self.dist.device),
+            self.engine.dp_group).tolist()
         out = {"perf/tokens_per_s": window["tokens"] / step_s, "perf/positions_per_s": positions / step_s,
                "perf/model_tflops": flops / step_s / 1e12,
                "perf/step_s": window["step_s"] / max(window["steps"], 1),

@@ -1,0 +1,104 @@
+# The parallelize steps every backend shares (DESIGN.md 6's fixed order) and the materialisation after them.
+"""Every backend's ``parallelize(model, cfg, ctx, *, compile)`` runs on the meta-device plain
+model, in one fixed order:
+
+    TP/SP -> CP -> EP -> activation checkpointing -> compile -> FSDP/ZeRO
+
+(today only the last three exist: :func:`apply_block_transforms` is the middle of it, each
+backend adds its sharding). Then :func:`materialize` allocates the parameters (``to_empty``)
+and initialises them so that every layout holds the same weights as one process: a layout
+that shards nothing (DDP; ZeRO, which partitions later, inside ``deepspeed.initialize``)
+initialises in place; a sharded one (FSDP2's DTensors) initialises an unsharded copy of the
+model in the same order and copies each rank's part out of it. The unsharded copy costs one
+full model per rank on the device for a moment (4.8 GB at the 1b flavor in fp32); seeding
+each parameter from (seed, name) would avoid it, but would change today's weights.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from mmgen.parallel.activation_checkpointing import apply_activation_checkpointing
+
+
+def apply_compile(model: nn.Module) -> int:
+    """``torch.compile`` every block of ``model.layers``, in place (lazily: nothing compiles
+    before the first call), so module names and state-dict keys stay those of the plain
+    model. Returns the number of blocks compiled."""
+    for block in model.layers:
+        block.compile()
+    return len(model.layers)
+
+
+def apply_block_transforms(model: nn.Module, activation_checkpointing: str, compile: bool) -> None:
+    """Activation checkpointing, then compile, on every block (the compiled call runs the
+    checkpointed forward, so the recomputation is compiled too).
+
+    Args:
+        model: the plain model (meta device or materialised).
+        activation_checkpointing: ``parallel.activation_checkpointing``.
+        compile: ``trainer.compile``.
+    """
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        apply_compile(model)
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def materialize(model: nn.Module, reference: nn.Module, device: torch.device,
+                init: Callable[[nn.Module], None]) -> None:
+    """Allocate the parallelized meta-device ``model`` on ``device`` and initialise it with the
+    weights one process would have.
+
+    Args:
+        model: the parallelized model, still on the meta device.
+        reference: a meta-device copy of the plain model taken before parallelize (same
+            parameter names); materialised only when ``model`` has sharded parameters.
+        device: where the parameters live.
+        init: fills a materialised plain model with its initial weights (seed + init_weights,
+            or a checkpoint's weights); runs on ``model`` itself when nothing is sharded.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    if not all(t.is_meta for t in tensors):
+        raise ValueError("materialize takes the meta-device model (build it under torch.device('meta'))")
+    sharded = any(_is_sharded(t) for t in tensors)
+    model.to_empty(device=device)
+    if not sharded:
+        init(model)
+        return
+    reference.to_empty(device=device)
+    init(reference)
+    copy_full_weights(model, reference)
+
+
+@torch.no_grad()
+def copy_full_weights(model: nn.Module, reference: nn.Module) -> None:
+    """Copy every parameter and buffer of the unsharded ``reference`` into ``model``: plain
+    tensors whole, DTensors their local part (cut locally, no communication: every rank holds
+    the same reference)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    want = dict(reference.named_parameters())
+    want.update(reference.named_buffers())
+    have = dict(model.named_parameters())
+    have.update(model.named_buffers())
+    if have.keys() != want.keys():
+        raise RuntimeError(f"parallelize changed the parameter names: {sorted(have.keys() ^ want.keys())[:5]}")
+    for name, dst in have.items():
+        src = want[name]
+        if _is_sharded(dst):
+            src = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.copy_(src)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """An independent meta-device copy of the plain model (the reference of :func:`materialize`)."""
+    return copy.deepcopy(model)
