@@ -162,7 +162,7 @@ def _add_submission(launch_dir: Path, entry: dict) -> None:
 
 
 def _base_record(mode: str, argv: list[str], overrides: list[str]) -> dict:
-    from mmgen.trainer.run import git_sha
+    from mmgen.trainer.provenance import git_sha
 
     return {"mode": mode, "argv": [PROG, *argv], "overrides": overrides, "cwd": os.getcwd(),
             "git_sha": git_sha(), "python": sys.executable, "host": os.uname().nodename,
@@ -320,7 +320,7 @@ def _submit(launch_dir: Path, sha: str) -> int:
 
 # ---- resubmit -------------------------------------------------------------------------------------
 def cmd_resubmit(run: str, dry_run: bool) -> int:
-    from mmgen.trainer.run import git_sha
+    from mmgen.trainer.provenance import git_sha
 
     launch_dir = Path(run) / "launch"
     path = launch_dir / "launch.json"

@@ -27,6 +27,18 @@ FLAVORS: dict[str, ModelConfig] = {
 }
 
 
+def check_registered(cfg: ModelConfig) -> ModelConfig:
+    """Raise ValueError unless ``cfg.block`` and every ``cfg.heads`` entry are registered
+    (``BLOCKS``, ``HEADS``); called by the job's validation and by :func:`build_model`."""
+    if cfg.block not in BLOCKS:
+        raise ValueError(f"model.block='{cfg.block}' not in {tuple(BLOCKS)}")
+    unknown = [h for h in cfg.heads if h not in HEADS]
+    if unknown or not cfg.heads or len(set(cfg.heads)) != len(cfg.heads):
+        raise ValueError(f"model.heads={list(cfg.heads)} must be distinct names from "
+                         f"{tuple(HEADS)}, at least one")
+    return cfg
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> UnifiedTransformer:
     """Build on the meta device, then materialise on ``device`` and ``init_weights``.
 
@@ -39,6 +51,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> U
             backend to parallelize before ``to_empty`` + ``init_weights``. Both paths give
             the same weights for the same seed.
     """
+    check_registered(cfg)
     device = torch.device(device) if device is not None else torch.get_default_device()
     with torch.device("meta"):
         model = UnifiedTransformer(cfg)
@@ -61,4 +74,4 @@ def num_params(model: nn.Module, exclude_embedding: bool = True) -> int:
 
 
 __all__ = ["BLOCKS", "EMBEDDERS", "FLAVORS", "HEADS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model",
-           "num_params"]
+           "check_registered", "num_params"]

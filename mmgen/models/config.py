@@ -23,7 +23,8 @@ class ModelConfig:
             on 1-D RoPE alone.
         attention: "auto" = FlexAttention on CUDA, SDPA with a boolean mask elsewhere.
         timestep_dim: width of the sinusoidal timestep features fed to the timestep MLP.
-        block: kind of trunk block (``mmgen.models.trunk.BLOCKS``).
+        block: kind of trunk block (``mmgen.models.trunk.BLOCKS``; registry names are checked by
+            ``mmgen.models.check_registered``, since the registries import this module).
         heads: output heads to build (``mmgen.models.heads.HEADS``): "lm" (vocabulary logits),
             "flow" (velocity / clean-patch prediction per continuous visual position). A
             training job derives it from the objective (each objective names the heads it
@@ -78,19 +79,6 @@ class ModelConfig:
             raise ValueError(f"model.visual_pos='{self.visual_pos}' not in {VISUAL_POS}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"model.attention='{self.attention}' not in {ATTENTION_BACKENDS}")
-        self._validate_registered()
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("model.rope_theta, norm_eps and init_std must be positive")
         return self
-
-    def _validate_registered(self) -> None:
-        # the registries import this module: read them at call time
-        from mmgen.models.heads import HEADS
-        from mmgen.models.trunk import BLOCKS
-
-        if self.block not in BLOCKS:
-            raise ValueError(f"model.block='{self.block}' not in {tuple(BLOCKS)}")
-        unknown = [h for h in self.heads if h not in HEADS]
-        if unknown or not self.heads or len(set(self.heads)) != len(self.heads):
-            raise ValueError(f"model.heads={list(self.heads)} must be distinct names from "
-                             f"{tuple(HEADS)}, at least one")

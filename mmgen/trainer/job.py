@@ -54,7 +54,13 @@ class JobConfig:
         self._validate_cross()
 
     def _validate_cross(self) -> None:
+        from mmgen.models import check_registered
+
         d, m = self.data, self.model
+        try:
+            check_registered(m)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         patch_dim = 3 * d.patch_size ** 2
         if m.patch_dim != patch_dim:
             raise ConfigError(f"model.patch_dim={m.patch_dim} must equal 3 * data.patch_size**2 = {patch_dim}")

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from mmgen.trainer.job import JobConfig, to_yaml
+from mmgen.trainer.provenance import git_sha
 from mmgen.parallel.dist import DistInfo, barrier, init_distributed, shutdown
 
 log = logging.getLogger("mmgen")
@@ -28,18 +28,6 @@ def setup_logging(rank: int, run_dir: Path) -> None:
     for h in handlers:
         h.setFormatter(fmt)
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
-
-
-def git_sha() -> str:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def write_run_records(job: JobConfig, run_dir: Path, argv: list[str], dist: DistInfo) -> None:

@@ -127,7 +127,7 @@ class Trainer:
         return stream_index(self.engine.dp_rank, self.engine.dp_size, micro)
 
     def build_checkpointing(self) -> None:
-        from mmgen.trainer.run import git_sha
+        from mmgen.trainer.provenance import git_sha
 
         layout = self.engine.layout()
         layout["versions"]["mmgen"] = git_sha()
