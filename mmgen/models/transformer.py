@@ -115,9 +115,10 @@ class UnifiedTransformer(nn.Module):
     # ------------------------------------------------------------ forward
 
     def build_mask(self, batch: MultimodalBatch) -> AttentionMask:
-        """The attention mask for ``batch`` in the encoding ``cfg.attention`` resolves to."""
+        """The attention mask for ``batch`` (compiled from its span table) in the encoding
+        ``cfg.attention`` resolves to."""
         backend = resolve_backend(self.cfg.attention, batch.tokens.device)
-        return build_mask(batch.document_ids, batch.span_ids, backend)
+        return build_mask(batch, backend)
 
     def embed(self, batch: MultimodalBatch, visual_in: torch.Tensor,
               span_t: torch.Tensor) -> torch.Tensor:
