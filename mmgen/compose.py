@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mmgen.config import ConfigError, JobConfig
 
-# model.patch_dim follows data.patch_size (resolver registered by mmgen.cli.preflight)
-PATCH_DIM = "${patch_dim:${data.patch_size}}"
+# model.patch_dim is the data codec's payload_dim (resolver registered by mmgen.cli.preflight)
+PATCH_DIM = "${patch_dim:${data.codec},${data.patch_size}}"
 
 
 def register_configs() -> None:
