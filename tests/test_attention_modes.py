@@ -5,6 +5,7 @@ the compiled masks (dense SDPA bool and the FlexAttention mask_mod evaluated on 
 ``create_mask``) must agree on every pair of packed rows with several documents and padding."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import warnings
@@ -210,3 +211,33 @@ def test_a_hidden_span_does_not_reach_later_positions_of_the_model():
     assert not torch.allclose(lv[after], lw[after])
     _, vc = run(False, a, [104, 106])              # the hidden span still sees its caption
     assert not torch.allclose(va, vc)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_block_mask_and_flex_match_sdpa_on_cuda():
+    """The GPU path: create_block_mask compiled over the moded mask_mod, compiled flex
+    attention forward and backward, and the model with attention=flex, against SDPA."""
+    from mmgen.models import FLAVORS, build_model
+
+    for seed, length in ((0, 96), (1, 300), (2, 1024)):
+        batch = random_batch(seed, seq_len=length).to("cuda")
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        q = torch.randn(3, 4, length, 64, device="cuda", generator=gen, requires_grad=True)
+        k, v = (torch.randn(3, 2, length, 64, device="cuda", generator=gen, requires_grad=True)
+                for _ in range(2))
+        outs = []
+        for mask in (build_block_mask(batch), build_dense_mask(batch)):
+            out = attend(q, k, v, mask)
+            outs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+    cfg = FLAVORS["debug"]
+    torch.manual_seed(0)
+    models = [build_model(dataclasses.replace(cfg, attention=a)).cuda() for a in ("sdpa", "flex")]
+    models[1].load_state_dict(models[0].state_dict())
+    batch = random_batch(3, batch_size=2, seq_len=256)
+    batch.patches = torch.randn(batch.patches.shape[0], cfg.patch_dim)
+    batch = batch.to("cuda")
+    ref, got = (m(batch) for m in models)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], atol=1e-3, rtol=1e-3)
