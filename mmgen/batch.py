@@ -21,8 +21,24 @@ Layout, per row of length ``L`` (rows are packed with several documents):
 * ``loss_masks`` holds any further per-position masks by objective name
   (``"visual"``: positions of target spans; later ``"masked"`` for Show-o style masking).
 
-Attention follows from ``document_ids`` and ``span_ids``: causal inside a document, plus full
-attention among positions of the same span (see ``mmgen.models.attention``).
+The span table (:class:`SpanTable`, one row per span, row-major order) is the contract that
+attention, losses and parallelism derive from (DESIGN.md contract 1); beside the geometry
+(row, start, length, grid) and the payload kind, each span says:
+
+* ``is_target``: generated (noised / masked, with a loss) or a clean condition;
+* ``objective``: which objective owns it, an index into ``SPAN_OBJECTIVES`` (``"none"``: no
+  loss is put on the span, e.g. a condition; ``"flow"``: flow matching on a continuous target;
+  ``"next_token"`` / ``"masked"`` / ``"mar"``: the discrete AR, masked-diffusion and per-token
+  head families). ``default_objective`` gives the data pipeline's choice;
+* ``attention``: ``FULL`` (bidirectional inside the span) or ``CAUSAL`` (causal inside it);
+* ``visible_after``: whether positions after the span may attend to it (False hides a noised
+  target from what follows, as in BAGEL; the span itself still sees what precedes it);
+* ``source``: index into ``meta["source_names"]`` (the distinct data sources of the batch's
+  documents, in arrival order), -1 when the document has no source (sampler batches).
+
+A table built without the last four columns gets today's behaviour: the default owner, FULL,
+visible, no source. The attention mask is compiled from ``document_ids``, ``span_ids`` and this
+table only (``mmgen.models.attention``, which states the rule).
 """
 from __future__ import annotations
 
@@ -37,11 +53,39 @@ IGNORE_INDEX = -100
 TEXT, IMAGE, VIDEO = 0, 1, 2
 # span kinds
 CONTINUOUS, DISCRETE = 0, 1
+# attention inside a span
+FULL, CAUSAL = 0, 1
+# span owners (SpanTable.objective is an index into this tuple); a new family adds its name
+SPAN_OBJECTIVES = ("none", "flow", "next_token", "masked", "mar")
+NO_OBJECTIVE, FLOW, NEXT_TOKEN, MASKED, MAR = range(len(SPAN_OBJECTIVES))
+
+
+def objective_id(name: str) -> int:
+    """Index of ``name`` in ``SPAN_OBJECTIVES`` (ValueError naming the known owners)."""
+    if name not in SPAN_OBJECTIVES:
+        raise ValueError(f"unknown span objective {name!r} (known: {', '.join(SPAN_OBJECTIVES)})")
+    return SPAN_OBJECTIVES.index(name)
+
+
+def default_objective(kind: torch.Tensor | int, is_target: torch.Tensor | bool):
+    """The owner the data pipeline gives a span: a continuous target is flow-matched, a discrete
+    target is predicted token by token, a condition carries no loss. Works on ints or tensors.
+
+    Args:
+        kind: ``CONTINUOUS`` or ``DISCRETE`` (int or ``[S]`` long).
+        is_target: bool or ``[S]`` bool.
+    """
+    if isinstance(kind, torch.Tensor):
+        owner = torch.where(kind == CONTINUOUS, FLOW, NEXT_TOKEN)
+        return torch.where(is_target, owner, NO_OBJECTIVE).long()
+    if not is_target:
+        return NO_OBJECTIVE
+    return FLOW if kind == CONTINUOUS else NEXT_TOKEN
 
 
 @dataclass
 class SpanTable:
-    """One row per visual span in the batch (images and video clips).
+    """One row per visual span in the batch (images and video clips), row-major order.
 
     Args:
         row: batch row of the span, ``[S]``.
@@ -51,6 +95,12 @@ class SpanTable:
         kind: ``CONTINUOUS`` or ``DISCRETE``, ``[S]``.
         is_target: True for spans to generate (noised / masked, with a loss), ``[S]``.
         modality: ``IMAGE`` or ``VIDEO``, ``[S]``.
+        objective: owner, index into ``SPAN_OBJECTIVES``, ``[S]`` long; default
+            :func:`default_objective`.
+        attention: ``FULL`` or ``CAUSAL`` inside the span, ``[S]`` long; default FULL.
+        visible_after: may later positions attend to the span, ``[S]`` bool; default True.
+        source: index into the batch's ``meta["source_names"]``, -1 = none, ``[S]`` long;
+            default -1.
     """
 
     row: torch.Tensor
@@ -60,6 +110,26 @@ class SpanTable:
     kind: torch.Tensor
     is_target: torch.Tensor
     modality: torch.Tensor
+    objective: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    visible_after: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # the defaults are today's behaviour, so a table built by hand keeps its old meaning
+        n, dev = self.row.numel(), self.row.device
+        if self.objective is None:
+            self.objective = default_objective(self.kind, self.is_target)
+        if self.attention is None:
+            self.attention = torch.full((n,), FULL, dtype=torch.long, device=dev)
+        if self.visible_after is None:
+            self.visible_after = torch.ones(n, dtype=torch.bool, device=dev)
+        if self.source is None:
+            self.source = torch.full((n,), -1, dtype=torch.long, device=dev)
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name).shape[0] != n:
+                raise ValueError(f"span table: column {f.name} has {getattr(self, f.name).shape[0]} "
+                                 f"rows, row has {n}")
 
     def __len__(self) -> int:
         return int(self.row.numel())
@@ -70,15 +140,20 @@ class SpanTable:
         return SpanTable(z, z, z, torch.zeros(0, 3, dtype=torch.long), z,
                          torch.zeros(0, dtype=torch.bool), z)
 
+    def _map(self, fn) -> "SpanTable":
+        return SpanTable(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
     def to(self, device, non_blocking: bool = False) -> "SpanTable":
-        return SpanTable(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                            for f in dataclasses.fields(self)})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "SpanTable":
+        return self._map(lambda t: t.pin_memory())
 
 
 @dataclass
 class MultimodalBatch:
     """A packed batch; see the module docstring for the layout. Shapes: B rows of L positions,
-    N continuous visual positions of ``patch_dim`` features each."""
+    N continuous visual positions of ``payload_dim`` features each (the codec's width)."""
 
     tokens: torch.Tensor          # [B, L] long
     targets: torch.Tensor         # [B, L] long, IGNORE_INDEX where no next-token loss
@@ -87,7 +162,7 @@ class MultimodalBatch:
     document_ids: torch.Tensor    # [B, L] long, -1 = padding
     span_ids: torch.Tensor        # [B, L] long, -1 = not visual
     coords: torch.Tensor          # [B, L, 3] long (t, h, w) for visual positions, else 0
-    patches: torch.Tensor         # [N, patch_dim] float, continuous spans in row-major order
+    patches: torch.Tensor         # [N, payload_dim] float, continuous spans in row-major order
     spans: SpanTable
     loss_masks: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, L] bool
     meta: dict = field(default_factory=dict)  # non-tensor info: sample keys, captions, source
@@ -96,21 +171,23 @@ class MultimodalBatch:
     def shape(self) -> tuple[int, int]:
         return tuple(self.tokens.shape)  # type: ignore[return-value]
 
+    def span_values(self, column: str, fill) -> torch.Tensor:
+        """``[B, L]``: the span table's ``column`` (a 1-D column, e.g. ``"attention"``) gathered
+        at every position of its span, ``fill`` at positions outside spans."""
+        values = getattr(self.spans, column).to(self.span_ids.device)
+        inside = self.span_ids >= 0
+        if len(self.spans) == 0:
+            return torch.full(self.span_ids.shape, fill, dtype=values.dtype, device=values.device)
+        gathered = values[self.span_ids.clamp(min=0)]
+        return torch.where(inside, gathered, torch.tensor(fill, dtype=values.dtype, device=values.device))
+
     def continuous_mask(self) -> torch.Tensor:
         """[B, L] bool: positions whose payload is a row of ``patches`` (row-major order)."""
-        if len(self.spans) == 0:
-            return torch.zeros_like(self.span_ids, dtype=torch.bool)
-        kind = self.spans.kind.to(self.span_ids.device)
-        safe = self.span_ids.clamp(min=0)
-        return (self.span_ids >= 0) & (kind[safe] == CONTINUOUS)
+        return self.span_values("kind", -1) == CONTINUOUS
 
     def target_visual_mask(self) -> torch.Tensor:
         """[B, L] bool: visual positions that belong to target spans."""
-        if len(self.spans) == 0:
-            return torch.zeros_like(self.span_ids, dtype=torch.bool)
-        tgt = self.spans.is_target.to(self.span_ids.device)
-        safe = self.span_ids.clamp(min=0)
-        return (self.span_ids >= 0) & tgt[safe]
+        return self.span_values("is_target", False)
 
     def to(self, device, non_blocking: bool = False) -> "MultimodalBatch":
         def mv(t):
@@ -125,11 +202,10 @@ class MultimodalBatch:
     def pin_memory(self) -> "MultimodalBatch":
         """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU async."""
         pin = lambda t: t.pin_memory()
-        spans = SpanTable(**{f.name: pin(getattr(self.spans, f.name)) for f in dataclasses.fields(self.spans)})
         return MultimodalBatch(
             tokens=pin(self.tokens), targets=pin(self.targets), positions=pin(self.positions),
             modality=pin(self.modality), document_ids=pin(self.document_ids), span_ids=pin(self.span_ids),
-            coords=pin(self.coords), patches=pin(self.patches), spans=spans,
+            coords=pin(self.coords), patches=pin(self.patches), spans=self.spans.pin_memory(),
             loss_masks={k: pin(v) for k, v in self.loss_masks.items()}, meta=self.meta)
 
     def num_tokens(self) -> int:

@@ -12,10 +12,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mmgen.errors import ConfigError
 from mmgen.trainer.job import JobConfig
 
-# model.patch_dim follows data.patch_size, model.heads the objective (the heads it trains:
-# a head without a loss would leave parameters without gradients); resolvers registered by
-# mmgen.cli.preflight
-PATCH_DIM = "${patch_dim:${data.patch_size}}"
+# model.patch_dim is the data codec's payload_dim, model.heads the objective's (the heads it
+# trains: a head without a loss would leave parameters without gradients); resolvers
+# registered by mmgen.cli.preflight
+PATCH_DIM = "${patch_dim:${data.codec},${data.patch_size}}"
 HEADS = "${objective_heads:${objective.name}}"
 
 

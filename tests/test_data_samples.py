@@ -18,12 +18,14 @@ from mmgen.data.patches import grid_coords, patchify, to_unit
 from mmgen.data.synthetic.shapes import encode_jpeg
 from mmgen.data.synthetic.shapes_docs import write_document_shards
 from mmgen.data.synthetic.shapes_video import encode_mp4, make_clip, write_video_shards
+from mmgen.models.codecs import PixelCodec
 from mmgen.models.tokenizers.text import ByteTokenizer
 from tests.test_data_pipeline import timeout_fixture, write_shard
 
 _deadline = timeout_fixture(120)
 TOK = ByteTokenizer()
 P = 4
+CODEC = PixelCodec(P)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +101,7 @@ def _video_sample(key="v", caption="a clip", t=4, size=16):
 
 def test_text_to_video_document_layout():
     s = _video_sample()
-    doc = build_video_document(s, T2I, False, TOK, P)
+    doc = build_video_document(s, T2I, False, TOK, CODEC)
     n = 4 * 4 * 4                                   # t * gh * gw
     cap = list(b"a clip")
     assert doc.tokens.tolist() == [TOK.bos, *cap, TOK.bov, *[TOK.visual] * n, TOK.eov, TOK.eos]
@@ -110,13 +112,13 @@ def test_text_to_video_document_layout():
     assert torch.equal(doc.coords[start:start + n], grid_coords(4, 4, 4))
     (span,) = doc.spans
     assert span.grid == (4, 4, 4) and span.is_target and span.modality == VIDEO
-    assert torch.equal(span.patches, torch.cat([patchify(to_unit(f), P) for f in s.frames]))
+    assert torch.equal(span.payload, torch.cat([patchify(to_unit(f), P) for f in s.frames]))
     assert doc.meta["task"] == "t2v" and doc.meta["clip"] == {"fps": 4.0, "frames": 4,
                                                                "start": 0.25, "held": 0}
 
 
 def test_video_to_text_document_layout():
-    doc = build_video_document(_video_sample(), "i2t", False, TOK, P)
+    doc = build_video_document(_video_sample(), "i2t", False, TOK, CODEC)
     n, cap = 64, list(b"a clip")
     assert doc.tokens.tolist() == [TOK.bos, TOK.bov, *[TOK.visual] * n, TOK.eov, *cap, TOK.eos]
     I = IGNORE_INDEX
@@ -160,7 +162,7 @@ def test_interleaved_layouts_obelics_and_mmc4():
 
 def test_interleaved_document_tokens_targets_and_truncation():
     s = dec.InterleavedSample("doc", "s.tar", ["Hi", _img(10), "there", _img(20), "bye"])
-    doc = build_interleaved_document(s, 0, 1.0, TOK, P, seq_len=256)   # every image a target
+    doc = build_interleaved_document(s, 0, 1.0, TOK, CODEC, seq_len=256)   # every image a target
     v = [TOK.visual] * 16
     assert doc.tokens.tolist() == [TOK.bos, *b"Hi", TOK.boi, *v, TOK.eoi, *b"there", TOK.boi,
                                    *v, TOK.eoi, *b"bye", TOK.eos]
@@ -169,10 +171,10 @@ def test_interleaved_document_tokens_targets_and_truncation():
     I = IGNORE_INDEX
     tg = doc.targets.tolist()
     assert tg[:4] == [ord("H"), ord("i"), TOK.boi, I]     # BOI of a target span is predicted
-    cond = build_interleaved_document(s, 0, 0.0, TOK, P, seq_len=256)   # every image a condition
+    cond = build_interleaved_document(s, 0, 0.0, TOK, CODEC, seq_len=256)   # every image a condition
     assert cond.targets.tolist()[2] == I               # ... of a condition span it is not
     assert not doc.meta["truncated"] and doc.meta["type"] == "interleaved"
-    short = build_interleaved_document(s, 0, 1.0, TOK, P, seq_len=30)
+    short = build_interleaved_document(s, 0, 1.0, TOK, CODEC, seq_len=30)
     assert len(short) <= 30 and short.meta["truncated"] and short.tokens[-1] == TOK.eos
     assert len(short.spans) == 1                      # the second image did not fit
 
@@ -213,7 +215,7 @@ def test_mixed_batches_keep_the_contract(mixed):
             assert int(sp.grid[s][0]) == (4 if int(sp.modality[s]) == VIDEO else 1)
         visual = batch.span_ids >= 0
         assert torch.equal(visual, batch.modality != TEXT)
-        assert batch.patches.shape == (int(visual.sum()), P * P * 3)
+        assert batch.patches.shape == (int(visual.sum()), CODEC.payload_dim)
         assert torch.equal(batch.loss_masks["visual"], batch.target_visual_mask())
         valid = batch.targets != IGNORE_INDEX
         assert not (valid & visual).any()

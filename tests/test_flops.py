@@ -16,7 +16,7 @@ from mmgen.metrics.flops import (
     training_flops,
 )
 from mmgen.models import build_model
-from mmgen.models.attention import build_dense_mask
+from mmgen.models.attention import MaskLayout, build_dense_mask, mask_layout
 from mmgen.models.config import ModelConfig
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.sampling.batching import VisualSpan, pack_rows
@@ -100,7 +100,7 @@ def random_rows(rng: random.Random, n_rows: int, seq_len: int):
 def test_pair_count_equals_dense_mask_brute_force(seed):
     rng = random.Random(seed)
     batch = pack_rows(random_rows(rng, 3, 48), TOK, 48, patch_dim=12)
-    mask = build_dense_mask(batch.document_ids, batch.span_ids)
+    mask = build_dense_mask(batch)
     pairs = attention_pairs(batch.document_ids, batch.span_ids)
     assert pairs == mask_pairs(mask, batch.document_ids)
     # the dense mask's only other True entries are the padding self-pairs
@@ -112,7 +112,29 @@ def test_non_contiguous_document_follows_the_mask_rule():
     """The arithmetic does not assume a document is contiguous: ids interleaved by hand."""
     doc = torch.tensor([[0, 1, 0, 1, 0, -1]])
     span = torch.tensor([[-1, 0, -1, 0, -1, -1]])
-    assert attention_pairs(doc, span) == mask_pairs(build_dense_mask(doc, span), doc) == 6 + 3 + 1
+    layout = MaskLayout(doc, span, full=span >= 0, hidden=torch.zeros_like(doc, dtype=torch.bool))
+    assert attention_pairs(doc, span) == mask_pairs(build_dense_mask(layout), doc) == 6 + 3 + 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pair_count_follows_causal_and_hidden_spans(seed):
+    """Spans made CAUSAL inside or hidden from later positions (span table columns): the
+    arithmetic still equals the dense mask compiled from the same table."""
+    from mmgen.batch import CAUSAL
+
+    rng = random.Random(100 + seed)
+    batch = pack_rows(random_rows(rng, 3, 48), TOK, 48, patch_dim=12)
+    S = len(batch.spans)
+    assert S > 0
+    g = torch.Generator().manual_seed(seed)
+    batch.spans.attention = torch.where(torch.rand(S, generator=g) < 0.5, CAUSAL, batch.spans.attention)
+    batch.spans.visible_after = torch.rand(S, generator=g) < 0.5
+    layout = mask_layout(batch)
+    pairs = attention_pairs(layout.document_ids, layout.span_ids, layout.full, layout.hidden)
+    assert pairs == mask_pairs(build_dense_mask(batch), batch.document_ids)
+    assert pairs == batch_work(batch).attention_pairs
+    if (~batch.spans.visible_after).any() or (batch.spans.attention == CAUSAL).any():
+        assert pairs < attention_pairs(batch.document_ids, batch.span_ids)
 
 
 def test_one_causal_document_with_logits_everywhere_is_6NT_plus_causal_attention():

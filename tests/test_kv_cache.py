@@ -204,3 +204,37 @@ def test_decode_steps_match_full_recompute_on_gpu_with_flex_prefill():
             docs = _append(docs, tokens.tolist())
             logits = model.decode_step(tokens.cuda(), cache)
             torch.testing.assert_close(logits, full(docs), atol=1e-4, rtol=1e-4)
+
+
+def test_decoding_never_sees_a_span_hidden_from_later_positions():
+    """A span with ``visible_after=False`` (span table) is hidden from the tokens decoded after
+    it, as the mask hides it from later positions in the full forward: the cache agrees with
+    the full recompute, and the hidden span's content no longer reaches the new tokens."""
+    model = _model()
+
+    def hide(batch):
+        batch.spans.visible_after = torch.zeros(len(batch.spans), dtype=torch.bool)
+        return batch
+
+    def full_last(docs, seq_len):
+        batch = hide(build_batch(docs, TOK, seq_len))
+        last = (batch.document_ids >= 0).sum(dim=1) - 1
+        batch.targets = torch.full_like(batch.targets, IGNORE_INDEX)
+        batch.targets[torch.arange(len(docs)), last] = TOK.pad
+        return model(batch)["lm"]
+
+    gen = torch.Generator().manual_seed(3)
+    docs = _prompts(gen)
+    with torch.no_grad():
+        batch = hide(build_batch(docs, TOK))
+        _, cache = model.prefill(batch, max_new_tokens=2)
+        tokens = torch.randint(0, TOK.num_bytes, (3,), generator=gen)
+        logits = model.decode_step(tokens, cache)
+        docs2 = _append(docs, tokens.tolist())
+        torch.testing.assert_close(logits, full_last(docs2, batch.shape[1] + 4), atol=1e-5, rtol=0)
+        # other image content, same hidden span: the decoded token's logits do not change
+        other = build_batch(_prompts(torch.Generator().manual_seed(4)), TOK)
+        other.tokens, other.positions = batch.tokens, batch.positions
+        hide(other)
+        _, cache2 = model.prefill(other, max_new_tokens=2)
+        torch.testing.assert_close(model.decode_step(tokens, cache2), logits, atol=1e-5, rtol=0)

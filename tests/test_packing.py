@@ -12,10 +12,12 @@ from mmgen.batch import IGNORE_INDEX, IMAGE, TEXT
 from mmgen.data.decode import Sample
 from mmgen.data.pack import I2T, T2I, BatchPacker, build_document, choose_task, collate
 from mmgen.data.patches import grid_coords, patchify, to_unit
+from mmgen.models.codecs import PixelCodec
 from mmgen.models.tokenizers.text import ByteTokenizer
 
 TOK = ByteTokenizer()
 P = 4          # patch size; 16x16 images -> 16 visual positions
+CODEC = PixelCodec(P)
 
 
 def sample(key: str, caption: str, size: int = 16) -> Sample:
@@ -25,7 +27,7 @@ def sample(key: str, caption: str, size: int = 16) -> Sample:
 
 
 def test_t2i_layout_and_targets():
-    doc = build_document(sample("a", "hi"), T2I, False, TOK, P)
+    doc = build_document(sample("a", "hi"), T2I, False, TOK, CODEC)
     v = [TOK.visual] * 16
     assert doc.tokens.tolist() == [TOK.bos, ord("h"), ord("i"), TOK.boi, *v, TOK.eoi, TOK.eos]
     I = IGNORE_INDEX
@@ -36,11 +38,11 @@ def test_t2i_layout_and_targets():
     assert doc.coords[:4].abs().sum() == 0 and doc.coords[20:].abs().sum() == 0
     (span,) = doc.spans
     assert span.start == 4 and span.grid == (1, 4, 4) and span.is_target
-    assert torch.equal(span.patches, patchify(to_unit(sample("a", "hi").image), P))
+    assert torch.equal(span.payload, patchify(to_unit(sample("a", "hi").image), P))
 
 
 def test_t2i_dropped_caption_layout():
-    doc = build_document(sample("a", "hi"), T2I, True, TOK, P)
+    doc = build_document(sample("a", "hi"), T2I, True, TOK, CODEC)
     I = IGNORE_INDEX
     assert doc.tokens.tolist()[:2] == [TOK.bos, TOK.boi] and len(doc) == 16 + 4
     assert doc.targets.tolist() == [TOK.boi, I, *[I] * 16, TOK.eos, I]
@@ -48,7 +50,7 @@ def test_t2i_dropped_caption_layout():
 
 
 def test_i2t_layout_and_targets():
-    doc = build_document(sample("a", "hi"), I2T, False, TOK, P)
+    doc = build_document(sample("a", "hi"), I2T, False, TOK, CODEC)
     v = [TOK.visual] * 16
     assert doc.tokens.tolist() == [TOK.bos, TOK.boi, *v, TOK.eoi, ord("h"), ord("i"), TOK.eos]
     I = IGNORE_INDEX
@@ -100,12 +102,12 @@ def check_batch(batch, docs, seq_len):
         assert (batch.span_ids[r, st:st + n] == s).all()
         assert batch.document_ids[r, st:st + n].unique().numel() == 1   # never split
         assert batch.targets[r, st - 1] == IGNORE_INDEX                 # BOI: next is visual
-    assert batch.patches.shape == (int(sp.length.sum()), P * P * 3)
+    assert batch.patches.shape == (int(sp.length.sum()), CODEC.payload_dim)
     assert int(batch.continuous_mask().sum()) == batch.patches.shape[0]
     first_pos = [tuple(torch.nonzero(batch.document_ids == i)[0].tolist())
                  for i in range(len(docs))]
     row_major = sorted(range(len(docs)), key=lambda i: first_pos[i])
-    flat = torch.cat([docs[i].spans[0].patches for i in row_major])
+    flat = torch.cat([docs[i].spans[0].payload for i in row_major])
     assert torch.equal(batch.patches, flat)
     assert torch.equal(batch.loss_masks["visual"], batch.target_visual_mask())
     tasks = batch.meta["task"]
@@ -126,7 +128,7 @@ def make_docs(n, seed=0):
     for i in range(n):
         cap = "x" * int(rng.integers(1, 40))
         task = T2I if rng.random() < 0.5 else I2T
-        docs.append(build_document(sample(f"d{i}", cap), task, bool(rng.random() < 0.2), TOK, P))
+        docs.append(build_document(sample(f"d{i}", cap), task, bool(rng.random() < 0.2), TOK, CODEC))
     return docs
 
 
@@ -135,11 +137,11 @@ def pack_all(docs, batch_size, seq_len):
     batches, packer, current = [], BatchPacker(batch_size, seq_len), []
     for doc in docs:
         if not packer.add(doc):
-            batches.append((packer.build(TOK.pad, P * P * 3), current))
+            batches.append((packer.build(TOK.pad, CODEC.payload_dim), current))
             packer, current = BatchPacker(batch_size, seq_len), []
             assert packer.add(doc)
         current.append(doc)
-    batches.append((packer.build(TOK.pad, P * P * 3), current))
+    batches.append((packer.build(TOK.pad, CODEC.payload_dim), current))
     return batches
 
 
@@ -164,7 +166,7 @@ def test_packing_is_deterministic():
 
 
 def test_oversized_document_is_an_error():
-    doc = build_document(sample("a", "y" * 100), T2I, False, TOK, P)
+    doc = build_document(sample("a", "y" * 100), T2I, False, TOK, CODEC)
     with pytest.raises(ValueError, match="exceeds seq_len"):
         BatchPacker(2, 64).add(doc)
 

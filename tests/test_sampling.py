@@ -87,12 +87,17 @@ def test_samplers_reproduce_a_memorised_example():
                          text_to_image_doc(TOK, "", patches, (1, 2, 2))], TOK)
     objective = build_objective(ObjectiveConfig(prediction="x"))
     counts, gen = objective.local_counts(batch), torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
+    # a decaying LR lands the memorised image (constant 3e-3 for 60 steps oscillated: the error
+    # was 0.04 at step 60 and 0.18 at step 80 on this seed; this gives ~0.01 on seeds 0-7)
+    steps = 150
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    for _ in range(steps):
         loss = weighted_total(objective(model, batch, counts, gen), {"text": 1.0, "visual": 1.0})
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     cfg = SamplerConfig(steps=10, guidance=2.0, prediction="x", max_caption_len=12)
     assert generate_captions(model, TOK, image[None], 4, cfg, "cpu") == ["red top"]
     sample = generate_images(model, TOK, ["red top"], (2, 2), 4, cfg, "cpu")[0]

@@ -25,13 +25,19 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("patch_dim"):
-        # channels * patch_size**2: keeps model.patch_dim in step with data.patch_size
-        OmegaConf.register_new_resolver("patch_dim", lambda p, c=3: int(c) * int(p) ** 2)
+        # the codec's payload_dim: keeps model.patch_dim in step with data.codec / data.patch_size
+        OmegaConf.register_new_resolver("patch_dim", _payload_dim)
     if not OmegaConf.has_resolver("objective_heads"):
         from mmgen.objectives import objective_heads
 
         # model.heads = the heads the objective trains (mmgen/models/README.md)
         OmegaConf.register_new_resolver("objective_heads", objective_heads)
+
+
+def _payload_dim(codec: str, patch_size) -> int:
+    from mmgen.models.codecs import build_codec
+
+    return build_codec(str(codec), int(patch_size)).payload_dim
 
 
 def one_line(exc: BaseException) -> str:

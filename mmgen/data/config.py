@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmgen.models.codecs import CODECS, VisualCodec, build_codec
+from mmgen.models.tokenizers import TOKENIZERS
+
 # Framing tokens of the smallest image document: [BOS] [BOI] <image> [EOI] [EOS].
 DOC_FRAME_TOKENS = 4
 
@@ -47,7 +50,8 @@ class DataConfig:
     train_shards: str = "data/shapes/train"
     val_shards: str = "data/shapes/val"
     image_size: int = 32
-    patch_size: int = 4
+    codec: str = "pixels"          # visual codec (mmgen.models.codecs.CODECS); pixels: patches
+    patch_size: int = 4             # patch side on the codec's grid
     seq_len: int = 256
     batch_size: int = 16            # packed rows per micro-batch per rank
     num_workers: int = 1            # DataLoader workers per rank; 0 = in the main process
@@ -69,10 +73,15 @@ class DataConfig:
     # -- interleaved documents -----------------------------------------------------------------
     max_images_per_doc: int = 8     # images after this many are dropped (counted)
 
+    def visual_codec(self) -> VisualCodec:
+        """The codec that turns this data's pixels into span payloads."""
+        return build_codec(self.codec, self.patch_size)
+
     @property
     def image_tokens(self) -> int:
         """Visual positions of one image span."""
-        return (self.image_size // self.patch_size) ** 2
+        t, h, w = self.visual_codec().grid(self.image_size)
+        return t * h * w
 
     @property
     def frame_size(self) -> int:
@@ -81,7 +90,8 @@ class DataConfig:
     @property
     def video_tokens(self) -> int:
         """Visual positions of one video span (per-frame patches, t = video_frames)."""
-        return self.video_frames * (self.frame_size // self.patch_size) ** 2
+        t, h, w = self.visual_codec().grid(self.frame_size, frames=self.video_frames)
+        return t * h * w
 
     def source_configs(self, split: str = "train") -> dict[str, SourceConfig]:
         """Every source by name, in a fixed (sorted) order; the single-source default too."""
@@ -104,8 +114,11 @@ class DataConfig:
 
         need(self.image_size > 0 and self.patch_size > 0,
              f"image_size ({self.image_size}) and patch_size ({self.patch_size}) must be > 0")
-        need(self.image_size % self.patch_size == 0,
-             f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        need(self.codec in CODECS,
+             f"codec={self.codec!r} is not one of {', '.join(sorted(CODECS))}")
+        need(self.tokenizer in TOKENIZERS,
+             f"tokenizer={self.tokenizer!r} is not one of {', '.join(sorted(TOKENIZERS))}")
+        self._check_grid("image_size", self.image_size)
         smallest = self.image_tokens + DOC_FRAME_TOKENS
         need(smallest <= self.seq_len,
              f"one image document needs {smallest} positions ({self.image_tokens} image tokens + "
@@ -137,13 +150,19 @@ class DataConfig:
         if any(s.type == VIDEO for s in self.sources.values()):
             need(self.video_frames >= 1, f"video_frames must be >= 1, got {self.video_frames}")
             need(self.video_fps > 0, f"video_fps must be > 0, got {self.video_fps}")
-            need(self.frame_size % self.patch_size == 0,
-                 f"video frame size {self.frame_size} is not divisible by patch_size "
-                 f"{self.patch_size}")
+            self._check_grid("video frame size", self.frame_size)
             need(self.video_clip_start in CLIP_STARTS,
                  f"video_clip_start={self.video_clip_start!r} is not one of {', '.join(CLIP_STARTS)}")
             need(self.video_tokens + DOC_FRAME_TOKENS <= self.seq_len,
                  f"one video document needs {self.video_tokens + DOC_FRAME_TOKENS} positions "
-                 f"({self.video_frames} frames x {(self.frame_size // self.patch_size) ** 2} "
-                 f"patches + {DOC_FRAME_TOKENS}) but seq_len is {self.seq_len}")
+                 f"({self.video_tokens} visual positions for {self.video_frames} frames + "
+                 f"{DOC_FRAME_TOKENS}) but seq_len is {self.seq_len}")
         return self
+
+    def _check_grid(self, what: str, size: int) -> None:
+        """The codec decides which sizes divide into whole patches."""
+        try:
+            self.visual_codec().grid(size)
+        except ValueError as e:
+            raise ValueError(f"data config: {what} {size} does not fit the {self.codec} codec "
+                             f"(patch_size {self.patch_size}): {e}") from None

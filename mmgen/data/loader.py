@@ -93,6 +93,7 @@ class _SourceReader:
     def __init__(self, cfg: DataConfig, tokenizer, source: _Source, layout: _Layout, worker: int,
                  state: dict, single: bool):
         self.cfg, self.tok, self.src = cfg, tokenizer, source
+        self.codec = cfg.visual_codec()
         self.reader, self.num_readers = layout.reader(worker), layout.num_readers
         self.names = source.names
         self.cursor = dict(state["cursor"])
@@ -222,18 +223,18 @@ class _SourceReader:
             out = dec.decode_sample(raw, cfg.image_size)
             if not isinstance(out, tuple):
                 task, dropped = choose_task(cfg.seed, hkey, cfg.t2i_ratio, cfg.caption_dropout)
-                doc = build_document(out, task, dropped, tok, cfg.patch_size, name, PAIR)
+                doc = build_document(out, task, dropped, tok, self.codec, name, PAIR)
         elif self.src.type == VIDEO:
             out = dec.decode_video_sample(raw, cfg.frame_size, cfg.video_frames, cfg.video_fps,
                                           cfg.video_clip_start, cfg.seed, hkey)
             if not isinstance(out, tuple):
                 task, dropped = choose_task(cfg.seed, hkey, cfg.t2i_ratio, cfg.caption_dropout)
-                doc = build_video_document(out, task, dropped, tok, cfg.patch_size, name)
+                doc = build_video_document(out, task, dropped, tok, self.codec, name)
         else:
             out = dec.decode_interleaved(raw, cfg.image_size, cfg.max_images_per_doc)
             if not isinstance(out, tuple):
                 self.images_dropped += out.images_dropped
-                doc = build_interleaved_document(out, cfg.seed, cfg.t2i_ratio, tok, cfg.patch_size,
+                doc = build_interleaved_document(out, cfg.seed, cfg.t2i_ratio, tok, self.codec,
                                                  cfg.seq_len, name)
                 self.truncated += bool(doc.meta["truncated"])
         if isinstance(out, tuple):
@@ -295,14 +296,14 @@ class PackedBatchDataset(IterableDataset):
         mixer = _WorkerMixer(self.cfg, self.tokenizer, self.sources, self.weights, self.layout,
                               worker, self.start[worker], self.resplits)
         packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)
-        patch_dim = self.cfg.patch_size**2 * 3
+        payload_dim = self.cfg.visual_codec().payload_dim
         while True:
             before = mixer.state()
             doc = mixer.next_doc()
             if packer.add(doc):
                 continue
             # `doc` starts the next batch: it is the first document not in this one
-            batch = packer.build(self.tokenizer.pad, patch_dim)
+            batch = packer.build(self.tokenizer.pad, payload_dim)
             batch.meta["data_state"] = {"worker": worker, "state": before}
             yield batch
             packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)

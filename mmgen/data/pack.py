@@ -4,18 +4,24 @@
 * text->image:  ``[BOS] caption [BOI] <target image> [EOI] [EOS]``
   (caption dropped for classifier-free guidance: ``[BOS] [BOI] <target image> [EOI] [EOS]``)
 * image->text:  ``[BOS] [BOI] <condition image> [EOI] caption [EOS]``
-* text->video / video->text: the same with ``[BOV] <video> [EOV]``; a video span has grid
-  ``(T, H/p, W/p)``, per-frame patches in (t, h, w) row-major order, modality VIDEO.
+* text->video / video->text: the same with ``[BOV] <video> [EOV]``; a video span has the
+  codec's grid of the clip (pixel patches: ``(T, H/p, W/p)``, rows in (t, h, w) row-major
+  order), modality VIDEO.
 * interleaved:  ``[BOS] text [BOI] <image> [EOI] text [BOI] <image> [EOI] ... [EOS]``; each image
   is a target (generated) with probability ``t2i_ratio`` (a hash of seed, key and image index),
   else a condition. A document longer than ``seq_len`` is cut at the last segment that fits
   (text may be cut mid-way; an image is never split) and closed with EOS.
 
-Next-token targets, one rule for every layout: from every non-visual position the next token is
-predicted, except when the next position is visual or is the opening token (BOI/BOV) of a
-*condition* span, and except at EOS (end of document) and padding (``IGNORE_INDEX``). So the
-caption bytes, the BOI/BOV that starts a generated span (also after a dropped caption), text
-after EOI/EOV, and EOS are predicted.
+Next-token targets follow the one rule of ``mmgen/documents.py`` (the builder the samplers
+use too): from every text position the next token is predicted, except when the next position
+is visual or is the opening token (BOI/BOV) of a *condition* span, and except at EOS (end of
+document) and padding (``IGNORE_INDEX``). So the caption bytes, the BOI/BOV that starts a
+generated span (also after a dropped caption), text after EOI/EOV, and EOS are predicted.
+
+Visual payloads come from the codec (``mmgen.models.codecs``, ``data.codec``): this module asks
+it for rows and grids and never patches pixels itself. Spans get the table's default owner
+(flow for a continuous target, none for a condition), FULL attention and visible_after, and
+their document's source.
 
 Packing is first-fit over the rows of the open batch, documents taken strictly in stream order;
 the batch closes when the next document fits in no row. So every batch holds a contiguous run of
@@ -24,16 +30,17 @@ exact-resume cursor. (A look-ahead packer across batches would pack tighter but 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mmgen.batch import (CONTINUOUS, IGNORE_INDEX, IMAGE, TEXT, VIDEO, MultimodalBatch,
-                              SpanTable)
+from mmgen import documents
+from mmgen.batch import IMAGE, VIDEO, MultimodalBatch
 from mmgen.data.decode import InterleavedSample, Sample, VideoSample
-from mmgen.data.patches import grid_coords, patchify, to_unit
 from mmgen.data.sources import unit_hash
+from mmgen.documents import Document, Span, Visual  # noqa: F401  (Document/Span: the loader's types)
+from mmgen.models.codecs import VisualCodec, to_unit
 
 T2I, I2T = "t2i", "i2t"
 T2V, V2T = "t2v", "v2t"
@@ -54,95 +61,52 @@ def choose_task(seed: int, key: str, t2i_ratio: float, caption_dropout: float) -
 
 
 @dataclass
-class Span:
-    start: int                     # offset inside the document
-    grid: tuple[int, int, int]     # (t, h, w)
-    is_target: bool
-    patches: torch.Tensor          # [t*h*w, patch_dim]
-    modality: int = IMAGE          # IMAGE or VIDEO
-
-
-@dataclass
-class Document:
-    """One tokenised document, ready to place in a row: text and any number of visual spans."""
-    tokens: torch.Tensor           # [n] long
-    targets: torch.Tensor          # [n] long
-    modality: torch.Tensor         # [n] long
-    coords: torch.Tensor           # [n, 3] long
-    spans: list[Span]
-    meta: dict = field(default_factory=dict)   # META_KEYS
-
-    def __len__(self) -> int:
-        return int(self.tokens.numel())
-
-
-@dataclass
-class _Visual:
-    """A visual span to place: its patches, grid, modality, role, and framing token ids."""
-    patches: torch.Tensor
-    grid: tuple[int, int, int]
-    modality: int
-    is_target: bool
+class _Framed:
+    """A visual span with the token ids that open and close it (BOI/EOI or BOV/EOV)."""
+    visual: Visual
     open_id: int
     close_id: int
 
 
 def assemble(parts: list, tok, meta: dict) -> Document:
-    """``parts``: text as lists of token ids and ``_Visual`` spans, in order; BOS and EOS are
-    added here. Targets follow the module docstring's single rule."""
-    seq: list[int] = [tok.bos]
-    modality: list[int] = [TEXT]
-    no_predict: set[int] = set()        # positions whose next token is not predicted
-    spans: list[Span] = []
-    coords_at: list[tuple[int, torch.Tensor]] = []
+    """``parts``: text as lists of token ids and ``_Framed`` spans, in order; BOS and EOS are
+    added here, and the targets follow ``mmgen.documents``' one rule."""
+    segments: list = [[tok.bos]]
     for part in parts:
-        if isinstance(part, _Visual):
-            if not part.is_target:
-                no_predict.add(len(seq) - 1)           # the token before a condition's BOI/BOV
-            seq.append(part.open_id)
-            modality.append(TEXT)
-            start, n = len(seq), part.patches.shape[0]
-            seq += [tok.visual] * n
-            modality += [part.modality] * n
-            spans.append(Span(start, part.grid, part.is_target, part.patches, part.modality))
-            coords_at.append((start, grid_coords(*part.grid)))
-            seq.append(part.close_id)
-            modality.append(TEXT)
+        if isinstance(part, _Framed):
+            segments += [[part.open_id], part.visual, [part.close_id]]
         else:
-            seq += part
-            modality += [TEXT] * len(part)
-    seq.append(tok.eos)
-    modality.append(TEXT)
-    tokens = torch.tensor(seq, dtype=torch.long)
-    mod = torch.tensor(modality, dtype=torch.long)
-    nxt_text = torch.zeros(len(seq), dtype=torch.bool)
-    nxt_text[:-1] = mod[1:] == TEXT
-    predict = (mod == TEXT) & nxt_text
-    if no_predict:
-        predict[torch.tensor(sorted(no_predict))] = False
-    targets = torch.full_like(tokens, IGNORE_INDEX)
-    idx = torch.nonzero(predict).flatten()
-    targets[idx] = tokens[idx + 1]
-    coords = torch.zeros(len(seq), 3, dtype=torch.long)
-    for start, c in coords_at:
-        coords[start:start + c.shape[0]] = c
+            segments.append(part)
+    segments.append([tok.eos])
     full_meta = {k: None for k in META_KEYS}
     full_meta.update(meta)
-    return Document(tokens, targets, mod, coords, spans, full_meta)
+    return documents.build_document(segments, tok.visual, full_meta)
 
 
-def _image_visual(image: np.ndarray, patch_size: int, is_target: bool, tok) -> _Visual:
-    gh, gw = image.shape[0] // patch_size, image.shape[1] // patch_size
-    return _Visual(patchify(to_unit(image), patch_size), (1, gh, gw), IMAGE, is_target,
-                   tok.boi, tok.eoi)
+def _visual(pixels: torch.Tensor, codec: VisualCodec, modality: int, is_target: bool) -> Visual:
+    rows, grid = codec.encode(pixels)
+    return Visual(rows, grid, modality, is_target, kind=codec.kind)
+
+
+def _image_visual(image: np.ndarray, codec: VisualCodec, is_target: bool, tok) -> _Framed:
+    return _Framed(_visual(to_unit(image), codec, IMAGE, is_target), tok.boi, tok.eoi)
 
 
 def build_document(sample: Sample, task: str, caption_dropped: bool, tokenizer,
-                   patch_size: int, source: str = "", sample_type: str = "pair") -> Document:
-    """Tokenise one image-caption example into a t2i or i2t document."""
+                   codec: VisualCodec, source: str = "", sample_type: str = "pair") -> Document:
+    """Tokenise one image-caption example into a t2i or i2t document.
+
+    Args:
+        sample: the decoded image and caption.
+        task: T2I (the image is a target) or I2T (a condition).
+        caption_dropped: leave the caption out (classifier-free guidance).
+        tokenizer: a ``TextTokenizer``.
+        codec: the ``VisualCodec`` that encodes the image.
+        source, sample_type: recorded in the document's meta.
+    """
     tok = tokenizer
     caption = [] if caption_dropped else tok.encode(sample.caption)
-    image = _image_visual(sample.image, patch_size, task == T2I, tok)
+    image = _image_visual(sample.image, codec, task == T2I, tok)
     parts = [caption, image] if task == T2I else [image, caption]
     return assemble(parts, tok, dict(key=sample.key, shard=sample.shard, caption=sample.caption,
                                      task=task, caption_dropped=caption_dropped, source=source,
@@ -150,17 +114,17 @@ def build_document(sample: Sample, task: str, caption_dropped: bool, tokenizer,
 
 
 def build_video_document(sample: VideoSample, task: str, caption_dropped: bool, tokenizer,
-                         patch_size: int, source: str = "") -> Document:
-    """Tokenise one clip-caption example: ``task`` is T2I (-> text->video) or I2T (video->text)."""
+                         codec: VisualCodec, source: str = "") -> Document:
+    """Tokenise one clip-caption example: ``task`` is T2I (-> text->video) or I2T (video->text);
+    the other arguments as in :func:`build_document`."""
     tok = tokenizer
     generate = task in (T2I, T2V)
     caption = [] if caption_dropped else tok.encode(sample.caption)
     frames = sample.frames
-    t, gh, gw = frames.shape[0], frames.shape[1] // patch_size, frames.shape[2] // patch_size
-    patches = torch.cat([patchify(to_unit(f), patch_size) for f in frames])
-    video = _Visual(patches, (t, gh, gw), VIDEO, generate, tok.bov, tok.eov)
+    pixels = torch.stack([to_unit(f) for f in frames])
+    video = _Framed(_visual(pixels, codec, VIDEO, generate), tok.bov, tok.eov)
     parts = [caption, video] if generate else [video, caption]
-    clip = {"fps": sample.fps, "frames": int(t), "start": round(sample.clip_start, 4),
+    clip = {"fps": sample.fps, "frames": int(frames.shape[0]), "start": round(sample.clip_start, 4),
             "held": sample.held}
     return assemble(parts, tok, dict(key=sample.key, shard=sample.shard, caption=sample.caption,
                                      task=T2V if generate else V2T,
@@ -169,7 +133,7 @@ def build_video_document(sample: VideoSample, task: str, caption_dropped: bool, 
 
 
 def build_interleaved_document(sample: InterleavedSample, seed: int, t2i_ratio: float, tokenizer,
-                               patch_size: int, seq_len: int, source: str = "") -> Document:
+                               codec: VisualCodec, seq_len: int, source: str = "") -> Document:
     """Tokenise an interleaved document, cut to ``seq_len`` at a segment boundary (text may be
     cut); ``meta["truncated"]`` tells whether anything was cut."""
     tok = tokenizer
@@ -180,7 +144,7 @@ def build_interleaved_document(sample: InterleavedSample, seed: int, t2i_ratio: 
     image_index = 0
     for seg in sample.segments:
         if isinstance(seg, str):
-            glue = " " if parts and not isinstance(parts[-1], _Visual) else ""
+            glue = " " if parts and not isinstance(parts[-1], _Framed) else ""
             ids = tok.encode(glue + seg)
             if len(ids) > room:
                 ids, truncated = ids[:room], True
@@ -191,8 +155,8 @@ def build_interleaved_document(sample: InterleavedSample, seed: int, t2i_ratio: 
         else:
             is_target = unit_hash("interleaved", seed, sample.key, image_index) < t2i_ratio
             image_index += 1
-            vis = _image_visual(seg, patch_size, is_target, tok)
-            need = vis.patches.shape[0] + 2
+            vis = _image_visual(seg, codec, is_target, tok)
+            need = len(vis.visual) + 2
             if need > room:
                 truncated = True
             else:
@@ -236,50 +200,17 @@ class BatchPacker:
                 return True
         return False
 
-    def build(self, pad_id: int, patch_dim: int) -> MultimodalBatch:
-        """The packed batch. ``document_ids`` index the arrival order (= ``meta`` list order);
-        spans (and ``patches``) are in row-major order of the [B, L] grid, as the contract asks."""
-        B, L = self.batch_size, self.seq_len
-        tokens = torch.full((B, L), pad_id, dtype=torch.long)
-        targets = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((B, L), dtype=torch.long)
-        modality = torch.full((B, L), TEXT, dtype=torch.long)
-        document_ids = torch.full((B, L), -1, dtype=torch.long)
-        span_ids = torch.full((B, L), -1, dtype=torch.long)
-        coords = torch.zeros((B, L, 3), dtype=torch.long)
-        for doc_id, (row, off, doc) in enumerate(self.placed):
-            sl = slice(off, off + len(doc))
-            tokens[row, sl], targets[row, sl] = doc.tokens, doc.targets
-            positions[row, sl] = torch.arange(len(doc))
-            modality[row, sl], coords[row, sl] = doc.modality, doc.coords
-            document_ids[row, sl] = doc_id
-        spans, patches = self._span_table(span_ids, patch_dim)
-        batch = MultimodalBatch(tokens, targets, positions, modality, document_ids, span_ids,
-                                coords, patches, spans,
-                                meta={k: [d.meta.get(k) for _, _, d in self.placed]
-                                      for k in META_KEYS})
-        batch.loss_masks["visual"] = batch.target_visual_mask()
-        return batch
+    def build(self, pad_id: int, payload_dim: int) -> MultimodalBatch:
+        """The packed batch (``mmgen.documents.pack_documents``). ``document_ids`` index the
+        arrival order (= ``meta`` list order); spans (and ``patches``) are in row-major order
+        of the [B, L] grid, as the contract asks.
 
-    def _span_table(self, span_ids: torch.Tensor, patch_dim: int):
-        """Fill ``span_ids`` and return (SpanTable, patches), both in row-major order."""
-        rows: list[list] = []
-        for row, off, doc in sorted(self.placed, key=lambda p: (p[0], p[1])):
-            for s in doc.spans:
-                rows.append((row, off + s.start, s))
-        if not rows:
-            return SpanTable.empty(), torch.zeros(0, patch_dim)
-        for sid, (row, start, s) in enumerate(rows):
-            span_ids[row, start:start + s.patches.shape[0]] = sid
-        col = lambda f: torch.tensor([f(r) for r in rows], dtype=torch.long)  # noqa: E731
-        table = SpanTable(
-            row=col(lambda r: r[0]), start=col(lambda r: r[1]),
-            length=col(lambda r: r[2].patches.shape[0]),
-            grid=torch.tensor([list(r[2].grid) for r in rows], dtype=torch.long),
-            kind=torch.full((len(rows),), CONTINUOUS, dtype=torch.long),
-            is_target=torch.tensor([r[2].is_target for r in rows], dtype=torch.bool),
-            modality=torch.tensor([r[2].modality for r in rows], dtype=torch.long))
-        return table, torch.cat([r[2].patches for r in rows])
+        Args:
+            pad_id: the tokenizer's padding id.
+            payload_dim: the codec's ``payload_dim`` (width of an empty ``patches``).
+        """
+        return documents.pack_documents(self.placed, self.batch_size, self.seq_len, pad_id,
+                                        payload_dim, META_KEYS)
 
 
 def collate(batch: MultimodalBatch) -> MultimodalBatch:

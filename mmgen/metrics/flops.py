@@ -56,31 +56,46 @@ class BatchWork:
     attention_pairs: int
 
 
-def attention_pairs(document_ids: torch.Tensor, span_ids: torch.Tensor) -> int:
+def attention_pairs(document_ids: torch.Tensor, span_ids: torch.Tensor,
+                    full: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> int:
     """Allowed (query, key) pairs of the mask rule in ``mmgen.models.attention``, by arithmetic.
 
     A document of ``n`` positions gives ``n (n + 1) / 2`` causal pairs wherever its positions
-    lie in the row (query ``q`` sees the keys of its document at or before it); positions of one
-    span inside one document add the ``m (m - 1) / 2`` pairs with the key after the query.
-    O(B * L) on the host instead of materialising ``B * L * L`` booleans.
+    lie in the row (query ``q`` sees the keys of its document at or before it); the ``m``
+    positions of one FULL span inside one document add the ``m (m - 1) / 2`` pairs with the key
+    after the query (a CAUSAL span adds none); a span hidden from later positions removes the
+    pairs of every later position of its document outside the span with each of its keys.
+    O(B * L) on the host (plus one pass per hidden span) instead of ``B * L * L`` booleans.
 
     Args:
         document_ids: ``[B, L]`` long, -1 for padding.
         span_ids: ``[B, L]`` long, -1 outside visual spans.
+        full, hidden: ``[B, L]`` bool per position (``mmgen.models.attention.MaskLayout``);
+            default: every span FULL and visible (v1's rule).
     """
     document_ids, span_ids = document_ids.cpu(), span_ids.cpu()
     valid = document_ids >= 0
     if not valid.any():
         return 0
+    full = (span_ids >= 0) if full is None else full.cpu()
     # document ids are only unique within a row: key each document by (row, id) in one integer
     stride = int(document_ids.max()) + 1
     doc_key = torch.arange(document_ids.shape[0])[:, None] * stride + document_ids
     n = torch.bincount(doc_key[valid])
-    in_span = valid & (span_ids >= 0)
     # a span id names one span of the batch; keyed with its document in case it crossed one
     span_key = span_ids * (stride * document_ids.shape[0]) + doc_key
-    _, m = torch.unique(span_key[in_span], return_counts=True)
-    return int((n * (n + 1) // 2).sum() + (m * (m - 1) // 2).sum())
+    _, m = torch.unique(span_key[valid & (span_ids >= 0) & full], return_counts=True)
+    pairs = int((n * (n + 1) // 2).sum() + (m * (m - 1) // 2).sum())
+    if hidden is not None and bool(hidden.any()):
+        hidden = hidden.cpu() & valid
+        for key in torch.unique(span_key[hidden]).tolist():
+            where = (span_key == key) & hidden
+            row = int(where.any(1).nonzero()[0])
+            same_doc = document_ids[row] == document_ids[row][where[row]][0]
+            later = same_doc.flip(-1).cumsum(-1).flip(-1) - same_doc.long()  # same-doc positions after
+            size = int(where[row].sum())
+            pairs -= int(later[where[row]].sum()) - size * (size - 1) // 2   # less those inside the span
+    return pairs
 
 
 def mask_pairs(mask: torch.Tensor, document_ids: torch.Tensor | None = None) -> int:
@@ -103,13 +118,16 @@ def batch_work(batch: MultimodalBatch) -> BatchWork:
     Args:
         batch: a packed batch.
     """
+    from mmgen.models.attention import mask_layout
+
+    layout = mask_layout(batch)
     return BatchWork(
         positions=batch.tokens.numel(),
         tokens=int((batch.document_ids >= 0).sum()),
         text_targets=int((batch.targets != IGNORE_INDEX).sum()),
         visual_positions=int(batch.continuous_mask().sum()),
         spans=len(batch.spans),
-        attention_pairs=attention_pairs(batch.document_ids, batch.span_ids))
+        attention_pairs=attention_pairs(layout.document_ids, layout.span_ids, layout.full, layout.hidden))
 
 
 def forward_flops(cfg: ModelConfig, work: BatchWork) -> dict[str, int]:

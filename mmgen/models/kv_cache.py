@@ -47,13 +47,15 @@ class KVCache:
 
     @classmethod
     def for_prefix(cls, n_layers: int, document_ids: torch.Tensor, positions: torch.Tensor,
-                   max_new_tokens: int) -> "KVCache":
+                   max_new_tokens: int, hidden: torch.Tensor | None = None) -> "KVCache":
         """An empty cache for continuing the *last* document of every row of a batch.
 
         Args:
             document_ids: ``[B, L]`` of the prefix batch, -1 for padding.
             positions: ``[B, L]`` RoPE positions of the prefix batch.
             max_new_tokens: how many tokens decoding may append after the prefix.
+            hidden: ``[B, L]`` bool, positions of spans later positions may not see (span
+                table ``visible_after=False``): new tokens never attend to them.
         """
         batch, length = document_ids.shape
         last = last_positions(document_ids)
@@ -61,6 +63,8 @@ class KVCache:
         capacity = length + max_new_tokens
         valid = torch.zeros(batch, capacity, dtype=torch.bool, device=document_ids.device)
         valid[:, :length] = document_ids == document_ids[rows, last][:, None]
+        if hidden is not None:
+            valid[:, :length] &= ~hidden
         return cls(n_layers, capacity, valid, positions[rows, last] + 1)
 
     @property

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from mmgen.batch import MultimodalBatch
-from mmgen.models.attention import AttentionMask, build_mask, resolve_backend
+from mmgen.models.attention import AttentionMask, build_mask, mask_layout, resolve_backend
 from mmgen.models.config import ModelConfig
 from mmgen.models.embedders import EMBEDDERS, embedder_names
 from mmgen.models.heads import HEADS, head_names
@@ -89,9 +89,10 @@ class UnifiedTransformer(nn.Module):
     # ------------------------------------------------------------ forward
 
     def build_mask(self, batch: MultimodalBatch) -> AttentionMask:
-        """The attention mask for ``batch`` in the encoding ``cfg.attention`` resolves to."""
+        """The attention mask for ``batch`` (compiled from its span table) in the encoding
+        ``cfg.attention`` resolves to."""
         backend = resolve_backend(self.cfg.attention, batch.tokens.device)
-        return build_mask(batch.document_ids, batch.span_ids, backend)
+        return build_mask(batch, backend)
 
     def embed(self, batch: MultimodalBatch, visual_in: torch.Tensor,
               span_t: torch.Tensor) -> torch.Tensor:
@@ -181,7 +182,7 @@ class UnifiedTransformer(nn.Module):
         """
         x, rope, mask = self._inputs(batch, visual_in, span_t, mask)
         cache = KVCache.for_prefix(len(self.layers), batch.document_ids, batch.positions,
-                                   max_new_tokens)
+                                   max_new_tokens, hidden=mask_layout(batch).hidden)
         h, _ = self.trunk(x, rope, mask, cache)
         cache.prefilled(batch.shape[1])
         last = last_positions(batch.document_ids)

@@ -15,6 +15,7 @@ from mmgen.checkpoint.config import CheckpointConfig
 from mmgen.data.config import DataConfig
 from mmgen.metrics.config import MetricsConfig
 from mmgen.models.config import ModelConfig
+from mmgen.models.tokenizers import build_tokenizer
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.optim import OptimConfig
 from mmgen.parallel.config import ParallelConfig
@@ -61,14 +62,18 @@ class JobConfig:
             check_registered(m)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        patch_dim = 3 * d.patch_size ** 2
-        if m.patch_dim != patch_dim:
-            raise ConfigError(f"model.patch_dim={m.patch_dim} must equal 3 * data.patch_size**2 = {patch_dim}")
-        grid = d.image_size // d.patch_size
-        if m.visual_pos != "none" and grid > min(m.max_grid[1], m.max_grid[2]):
-            raise ConfigError(f"data.image_size/patch_size = {grid} patches per side exceeds model.max_grid {list(m.max_grid)}")
-        if m.vocab_size < 264:
-            raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's 264 ids")
+        # geometry and vocabulary come from the codec and the tokenizer, never assumed here
+        codec, tokenizer = d.visual_codec(), build_tokenizer(d.tokenizer)
+        if m.patch_dim != codec.payload_dim:
+            raise ConfigError(f"model.patch_dim={m.patch_dim} must equal the {d.codec} codec's payload_dim "
+                              f"{codec.payload_dim} (data.patch_size={d.patch_size})")
+        _, grid_h, grid_w = codec.grid(d.image_size)
+        if m.visual_pos != "none" and (grid_h > m.max_grid[1] or grid_w > m.max_grid[2]):
+            raise ConfigError(f"data.image_size={d.image_size} gives a {grid_h}x{grid_w} grid under the {d.codec} codec, "
+                              f"beyond model.max_grid {list(m.max_grid)}")
+        if m.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
+                              f"{tokenizer.vocab_size} ids")
         self._validate_heads()
         sharded = self.parallel.name in ("zero3", "fsdp2")
         if sharded and (self.trainer.sample_every or self.trainer.eval_at_end):

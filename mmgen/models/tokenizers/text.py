@@ -1,8 +1,9 @@
 # Byte-level text tokenizer: the default, needs no vocabulary file and no download.
-"""Byte-level tokenizer: ids 0..255 are UTF-8 bytes, then a few special tokens.
+"""Byte-level tokenizer (a :class:`~mmgen.models.tokenizers.base.TextTokenizer`): ids 0..255
+are UTF-8 bytes, then the special tokens, 264 ids in all.
 
 Visual spans are framed by BOI/EOI (images) and BOV/EOV (videos); discrete visual codes,
-when a model uses them, live above ``num_text_tokens`` in the shared vocabulary.
+when a model uses them, live above ``vocab_size`` in the shared vocabulary.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class ByteTokenizer:
         return 263
 
     @property
-    def num_text_tokens(self) -> int:
+    def vocab_size(self) -> int:
         return 264
 
     def encode(self, text: str) -> list[int]:
@@ -44,7 +45,8 @@ class ByteTokenizer:
         return out.decode("utf-8", errors="replace")
 
 
-def build_tokenizer(name: str = "bytes") -> ByteTokenizer:
-    if name != "bytes":
-        raise ValueError(f"unknown tokenizer '{name}' (available: bytes)")
-    return ByteTokenizer()
+def build_tokenizer(name: str = "bytes"):
+    """``mmgen.models.tokenizers.build_tokenizer`` under the import path the trainer and the
+    CLI use (the registry lives in the package)."""
+    from mmgen.models.tokenizers import build_tokenizer as build
+    return build(name)
