@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from mmgen.models.codecs import build_codec
 from mmgen.cli.preflight import compose_job
 from mmgen.errors import ConfigError
 from mmgen.data.synthetic.shapes import iter_shard, make_splits
@@ -104,7 +105,7 @@ def test_run_with_two_sources_samples_their_val_shards(two_sources, tmp_path):
 def test_shapes_eval_scores_only_what_the_samplers_draw(two_sources, tmp_path):
     torch.manual_seed(0)
     model = build_model(FLAVORS["debug"])
-    ctx = SampleContext(ByteTokenizer(), image_size=32, patch_size=4,
+    ctx = SampleContext(ByteTokenizer(), image_size=32, codec=build_codec("pixels", 4),
                         cfg=SamplerConfig(steps=2, max_caption_len=4))
     held_out = HeldOut((("b", str(two_sources / "b" / "val")),), 32)
     shapes = get_evaluation("shapes")

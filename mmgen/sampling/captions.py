@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from mmgen.batch import IGNORE_INDEX
-from mmgen.data.patches import patchify
+from mmgen.models.codecs import VisualCodec, as_codec
 from mmgen.models.kv_cache import last_positions
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.sampling.batching import build_batch, image_to_text_doc
@@ -24,8 +24,9 @@ def _allowed_tokens(tokenizer: ByteTokenizer, vocab: int, device) -> torch.Tenso
 
 
 def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.Tensor,
-                      patch_size: int, cfg: SamplerConfig, device: torch.device | str) -> list[str]:
-    """Greedy captions for ``images`` (``[n, 3, H, W]`` in [-1, 1]).
+                      codec: VisualCodec | int, cfg: SamplerConfig, device: torch.device | str) -> list[str]:
+    """Greedy captions for ``images`` (``[n, C, H, W]`` in [-1, 1]), each encoded by ``codec``
+    into a condition span (an int is the pixel codec's patch size).
 
     Context ``[BOS] [BOI] <clean condition span, t = 0> [EOI]``; the next byte (or EOS) is
     the argmax of the logits at the last position, over byte tokens and EOS only.
@@ -36,9 +37,8 @@ def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.
     the whole padded sequence every step: the reference the cached path is tested against.
     Both stop when every caption has its EOS or after ``cfg.max_caption_len`` bytes.
     """
-    grid = (1, images.shape[-2] // patch_size, images.shape[-1] // patch_size)
-    prefixes = [image_to_text_doc(tokenizer, patchify(img.float().cpu(), patch_size), grid)
-                for img in images]
+    codec = as_codec(codec)
+    prefixes = [image_to_text_doc(tokenizer, *codec.encode(img.float().cpu())) for img in images]
     generated: list[list[int]] = [[] for _ in prefixes]
     done = [False] * len(prefixes)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from mmgen.batch import IGNORE_INDEX
-from mmgen.data.patches import unpatchify
+from mmgen.models.codecs import VisualCodec, as_codec
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.objectives.flow import to_velocity
 from mmgen.sampling.batching import build_batch, text_to_image_doc
@@ -20,16 +20,21 @@ def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
 
 
 def generate_images(model: nn.Module, tokenizer: ByteTokenizer, captions: list[str],
-                    grid_hw: tuple[int, int], patch_size: int, cfg: SamplerConfig,
+                    grid_hw: tuple[int, int], codec: VisualCodec | int, cfg: SamplerConfig,
                     device: torch.device | str) -> torch.Tensor:
-    """Sample one image per caption; returns ``[n, 3, gh * p, gw * p]`` in [-1, 1].
+    """Sample one image per caption; returns ``[n, C, H, W]`` pixels in [-1, 1].
+
+    The ODE runs in the codec's payload space (``codec.payload_dim`` features per position of a
+    ``(1, gh, gw)`` grid) and ``codec.decode`` turns the result into pixels; an int is the
+    pixel codec's patch size.
 
     The conditional document is ``[BOS] caption [BOI] <span>``, the unconditional one
     ``[BOS] [BOI] <span>`` (what caption dropout trains); both branches of every caption go
     through one forward per step, and ``v = v_u + g (v_c - v_u)``.
     """
+    codec = as_codec(codec)
     gh, gw = grid_hw
-    n, n_patch, patch_dim = len(captions), gh * gw, patch_size * patch_size * 3
+    n, n_patch, patch_dim = len(captions), gh * gw, codec.payload_dim
     grid = (1, gh, gw)
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(n, n_patch, patch_dim, generator=gen).to(device)
@@ -56,5 +61,5 @@ def generate_images(model: nn.Module, tokenizer: ByteTokenizer, captions: list[s
                 v_cond, v_uncond = v[:n], v[n:]
                 v = v_uncond + cfg.guidance * (v_cond - v_uncond)
             x = x + (t_next - t_cur) * v
-    images = [unpatchify(xi, gh, gw, patch_size) for xi in x]
+    images = [codec.decode(xi.float(), grid)[0] for xi in x]
     return torch.stack(images).clamp(-1, 1)

@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 import torch
 import torch.nn as nn
 
+from mmgen.models.codecs import VisualCodec
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.sampling.captions import generate_captions
 from mmgen.sampling.config import SamplerConfig
@@ -33,7 +34,7 @@ class SampleContext:
     Args:
         tokenizer: the run's text tokenizer.
         image_size: side in pixels of the images drawn and read.
-        patch_size: pixel patch side; a span's grid is ``image_size // patch_size`` per side.
+        codec: the run's visual codec (``data.codec``): span grids, payload width, decoding.
         cfg: the sampler knobs (``sampler.*`` of the job).
         precision: as ``trainer.precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU),
             "bf16" or "fp32", so samples run in the dtype the model trained in.
@@ -41,14 +42,14 @@ class SampleContext:
 
     tokenizer: ByteTokenizer
     image_size: int
-    patch_size: int
+    codec: VisualCodec
     cfg: SamplerConfig = field(default_factory=SamplerConfig)
     precision: str = "auto"
 
     @property
     def grid_hw(self) -> tuple[int, int]:
-        side = self.image_size // self.patch_size
-        return side, side
+        _, h, w = self.codec.grid(self.image_size)
+        return h, w
 
     def autocast(self, device: torch.device):
         if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
@@ -78,7 +79,7 @@ class FlowTextToImage:
     def __call__(self, model: nn.Module, prompts: Sequence[str], ctx: SampleContext) -> torch.Tensor:
         dev = _device(model)
         with ctx.autocast(dev):
-            return generate_images(model, ctx.tokenizer, list(prompts), ctx.grid_hw, ctx.patch_size,
+            return generate_images(model, ctx.tokenizer, list(prompts), ctx.grid_hw, ctx.codec,
                                    ctx.cfg, dev)
 
 
@@ -90,7 +91,7 @@ class GreedyCaptions:
     def __call__(self, model: nn.Module, prompts: torch.Tensor, ctx: SampleContext) -> list[str]:
         dev = _device(model)
         with ctx.autocast(dev):
-            return generate_captions(model, ctx.tokenizer, prompts, ctx.patch_size, ctx.cfg, dev)
+            return generate_captions(model, ctx.tokenizer, prompts, ctx.codec, ctx.cfg, dev)
 
 
 SAMPLERS: dict[str, Sampler] = {

@@ -56,7 +56,7 @@ def build_sample_context(job: JobConfig, tokenizer: ByteTokenizer) -> SampleCont
         tokenizer: the run's tokenizer (built once by the caller).
     """
     return SampleContext(tokenizer=tokenizer, image_size=job.data.image_size,
-                         patch_size=job.data.patch_size, cfg=job.sampler,
+                         codec=job.data.visual_codec(), cfg=job.sampler,
                          precision=job.trainer.precision)
 
 

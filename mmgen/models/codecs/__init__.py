@@ -7,7 +7,7 @@ from mmgen.models.codecs.pixel import PixelCodec
 # name -> class taking (patch_size); VAE / VQ codecs join here (DESIGN.md contract 5)
 CODECS: dict[str, type] = {"pixels": PixelCodec}
 
-__all__ = ["CODECS", "PixelCodec", "VisualCodec", "build_codec", "to_uint8", "to_unit"]
+__all__ = ["CODECS", "PixelCodec", "VisualCodec", "as_codec", "build_codec", "to_uint8", "to_unit"]
 
 
 def build_codec(name: str, patch_size: int) -> VisualCodec:
@@ -20,3 +20,9 @@ def build_codec(name: str, patch_size: int) -> VisualCodec:
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r} (available: {', '.join(sorted(CODECS))})")
     return CODECS[name](patch_size)
+
+
+def as_codec(codec: VisualCodec | int) -> VisualCodec:
+    """``codec`` itself, or for an int the pixel codec of that patch size (samplers and tests
+    that only know a patch size)."""
+    return build_codec("pixels", codec) if isinstance(codec, int) else codec
