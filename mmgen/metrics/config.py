@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 class MetricsConfig:
     """Args:
         wandb: also log to Weights & Biases (``metrics.jsonl`` is always written).
+        tensorboard: also write TensorBoard event files to ``runs/<name>/tensorboard/`` (the
+            same keys and steps as metrics.jsonl; sample grids as images). Both backends at
+            once: ``metrics=[wandb,tensorboard]`` or ``metrics=wandb metrics.tensorboard=true``.
         wandb_mode: ``offline`` (no network; sync later with ``wandb sync``) or ``online``.
         wandb_project, wandb_entity, wandb_group, tags: W&B run placement. An empty
             ``wandb_group`` groups the runs of one ``-m`` sweep (``runs/<name>-sweep/N``) under
@@ -18,6 +21,7 @@ class MetricsConfig:
     """
 
     wandb: bool = False
+    tensorboard: bool = False
     wandb_mode: str = "offline"
     wandb_project: str = "mmgen"
     wandb_entity: str = ""
