@@ -1,6 +1,7 @@
 # Typed configuration of metrics and dashboards (Hydra group `metrics/`).
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -32,5 +33,7 @@ class MetricsConfig:
     peak_tflops: float = 0.0
 
     def validate(self) -> None:
+        if not (math.isfinite(self.peak_tflops) and self.peak_tflops >= 0):
+            raise ValueError(f"metrics.peak_tflops must be a finite number >= 0 (0 = detect), got {self.peak_tflops}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"metrics.wandb_mode='{self.wandb_mode}' must be offline, online or disabled")
