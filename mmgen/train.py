@@ -35,7 +35,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    check_overrides(sys.argv[1:])  # exits 2 with one line on a bad override
+    sys.argv[1:] = check_overrides(sys.argv[1:])  # exits 2 with one line on a bad override
     if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in sys.argv) and "--resolve" not in sys.argv:
         sys.argv.append("--resolve")  # show values, not ${...} interpolations
     _hydra_main()

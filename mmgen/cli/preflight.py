@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -56,7 +57,7 @@ def one_line(exc: BaseException) -> str:
         if head and head not in seen:
             seen.add(head)
             parts.append(head + (f" (key: {key})" if key and key not in head else ""))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return " ".join(parts) if parts else type(exc).__name__
 
 
@@ -133,6 +134,42 @@ def extra_config_dirs(config_dir_arg: str | None) -> list[Path]:
     return [path]
 
 
+# `+data.sources.NAME=VALUE` and `+data.sources.NAME.FIELD=VALUE` (one `+` or two)
+_SOURCE_ADD = re.compile(r"^(\+\+?)data\.sources\.([A-Za-z0-9_-]+)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)=(.*)$", re.S)
+
+
+def source_overrides(overrides: list[str]) -> list[str]:
+    """Adding a source on the command line, ``+data.sources.clips={type:video,shards:...}``,
+    fails inside OmegaConf: it cannot assign a mapping to a new key of a dict of dataclasses
+    (``dict[str, SourceConfig]``), though it can merge one. Such an override (and the per-field
+    form ``+data.sources.clips.shards=...``) is rewritten into the merge Hydra applies with
+    the same meaning, ``+data.sources={clips:{...}}``: the fields are type-checked against
+    SourceConfig as in a YAML file. Sweeps and anything that would not parse stay as given.
+
+    Args:
+        overrides: command-line arguments (Hydra flags pass through unchanged).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for ov in overrides:
+        m = _SOURCE_ADD.match(ov)
+        if m:
+            plus, name, path, value = m.groups()
+            for key in reversed(path.split(".")[1:]):
+                value = f"{{{key}:{value}}}"
+            merged = f"{plus}data.sources={{{name}:{value}}}"
+            try:
+                if not parser.parse_override(ov).is_sweep_override():
+                    parser.parse_override(merged)
+                    ov = merged
+            except Exception:  # noqa: BLE001 - Hydra reports the original override as it was
+                pass
+        out.append(ov)
+    return out
+
+
 def compose_job(overrides: list[str], config_name: str = "config", config_dirs: Sequence[str | Path] = ()):
     """Compose + convert + validate one configuration; raises on any problem.
 
@@ -147,6 +184,7 @@ def compose_job(overrides: list[str], config_name: str = "config", config_dirs: 
 
     from mmgen.compose import register_configs, to_job_config
 
+    overrides = source_overrides(list(overrides))
     check_group_options(overrides, config_dirs)
     register_resolvers()
     register_configs()
@@ -157,8 +195,9 @@ def compose_job(overrides: list[str], config_name: str = "config", config_dirs: 
         return to_job_config(cfg)
 
 
-def check_overrides(argv: list[str], prog: str = "mmgen-train") -> None:
-    """Validate the overrides in ``argv`` (Hydra's own flags are understood); exit 2 if bad."""
+def check_overrides(argv: list[str], prog: str = "mmgen-train") -> list[str]:
+    """Validate the overrides in ``argv`` (Hydra's own flags are understood); exit 2 if bad.
+    Returns ``argv`` as Hydra should receive it (``source_overrides``)."""
     from hydra._internal.utils import get_args_parser
 
     parser = get_args_parser()
@@ -169,12 +208,20 @@ def check_overrides(argv: list[str], prog: str = "mmgen-train") -> None:
 
     parser.error = one_line_error
     args = parser.parse_args(argv)
+    argv = source_overrides(list(argv))
     if args.help or args.hydra_help or args.shell_completion or args.info:
-        return
+        return argv
     try:
         dirs = extra_config_dirs(args.config_dir)
         for combo in _combinations(list(args.overrides), bool(args.multirun)):
             compose_job(combo, config_name=args.config_name or "config", config_dirs=dirs)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line + exit 2
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        message = one_line(e)
+        if "input '" in message and any(_BRACES.search(o) for o in args.overrides):
+            message += " (a brace pattern inside an override needs quotes: key='/data/{000..099}.tar')"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+    return argv
+
+
+_BRACES = re.compile(r"=[^'\"]*\{[^{}:,]*\.\.[^{}]*\}")  # an unquoted {a..b} in a value

@@ -80,10 +80,10 @@ def _check_is_shard(path: str) -> None:
                           f"as <key>.jpg + <key>.txt; `mmgen data check` inspects shards)")
 
 
-def expand_shards(pattern: str) -> list[str]:
+def expand_shards(pattern: str, require_tar: bool = True) -> list[str]:
     """All shard paths named by ``pattern`` (directory, glob, brace pattern, or several joined by
     "::"), de-duplicated and sorted. Raises FileNotFoundError naming the pattern if empty, and
-    ConfigError naming a file that is not a tar archive."""
+    (``require_tar``) ConfigError naming a file that is not a tar archive."""
     paths: set[str] = set()
     for part in (p.strip() for p in pattern.split("::")):
         if part:
@@ -92,7 +92,7 @@ def expand_shards(pattern: str) -> list[str]:
         raise FileNotFoundError(f"shard pattern '{pattern}' matches no shard files "
                                 f"(cwd {os.getcwd()})")
     ordered = sorted(paths)
-    for path in ordered:
+    for path in ordered if require_tar else ():
         _check_is_shard(path)
     return ordered
 
