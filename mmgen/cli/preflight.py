@@ -208,7 +208,8 @@ def check_overrides(argv: list[str], prog: str = "mmgen-train") -> list[str]:
 
     parser.error = one_line_error
     args = parser.parse_args(argv)
-    argv = source_overrides(list(argv))
+    typed = list(argv)
+    argv = source_overrides(typed)
     if args.help or args.hydra_help or args.shell_completion or args.info:
         return argv
     try:
@@ -217,6 +218,8 @@ def check_overrides(argv: list[str], prog: str = "mmgen-train") -> list[str]:
             compose_job(combo, config_name=args.config_name or "config", config_dirs=dirs)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line + exit 2
         message = one_line(e)
+        for given, rewritten in zip(typed, argv):  # name overrides as they were typed
+            message = message.replace(rewritten, given)
         if "input '" in message and any(_BRACES.search(o) for o in args.overrides):
             message += " (a brace pattern inside an override needs quotes: key='/data/{000..099}.tar')"
         print(f"{prog}: error: {message}", file=sys.stderr)

@@ -141,14 +141,14 @@ class DataConfig:
             need(bool(src.shards), f"sources.{name}.shards is empty")
             if src.weight is not None:
                 need(math.isfinite(src.weight) and src.weight >= 0,
-                     f"sources.{name}.weight={src.weight} must be a finite number >= 0")
+                     f"sources.{name}.weight={src.weight} must be >= 0 (and finite)")
                 need(name not in self.weights or self.weights[name] == src.weight,
                      f"sources.{name}.weight={src.weight} and weights.{name}={self.weights.get(name)} "
                      f"disagree (give one)")
         names = set(self.source_configs())
         for name, w in self.weights.items():
             need(name in names, f"weights.{name}: no such source (sources: {', '.join(sorted(names))})")
-            need(math.isfinite(w) and w >= 0, f"weights.{name}={w} must be a finite number >= 0")
+            need(math.isfinite(w) and w >= 0, f"weights.{name}={w} must be >= 0 (and finite)")
         if self.weights:
             own = {n for n, s in self.sources.items() if s.weight is not None}
             missing = sorted(names - set(self.weights) - own)
@@ -158,7 +158,7 @@ class DataConfig:
         if any(s.type == VIDEO for s in self.sources.values()):
             need(self.video_frames >= 1, f"video_frames must be >= 1, got {self.video_frames}")
             need(math.isfinite(self.video_fps) and self.video_fps > 0,
-                 f"video_fps must be a finite number > 0, got {self.video_fps}")
+                 f"video_fps must be > 0 (and finite), got {self.video_fps}")
             need(self.frame_size % self.patch_size == 0,
                  f"video frame size {self.frame_size} is not divisible by patch_size "
                  f"{self.patch_size}")
