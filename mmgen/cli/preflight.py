@@ -189,7 +189,9 @@ def compose_job(overrides: list[str], config_name: str = "config", config_dirs: 
     register_resolvers()
     register_configs()
     GlobalHydra.instance().clear()
-    search = [f"hydra.searchpath=[{','.join(f'file://{Path(d).resolve()}' for d in config_dirs)}]"] if config_dirs else []
+    # what Hydra's --config-dir does for a real run: search these after configs/
+    dirs = ",".join(f"file://{Path(d).resolve()}" for d in config_dirs)
+    search = [f"hydra.searchpath=[{dirs}]"] if config_dirs else []
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=[*overrides, *search], return_hydra_config=True)
         return to_job_config(cfg)
