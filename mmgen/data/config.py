@@ -155,7 +155,8 @@ class DataConfig:
             need(not missing, f"weights has no entry for source(s) {', '.join(missing)} "
                               f"(give every source a weight, 0 to leave one out)")
         need(sum(self.raw_weight(n) for n in names) > 0, "source weights sum to 0")
-        if any(s.type == VIDEO for s in self.sources.values()):
+        # a video source of weight 0 is not read, so it sets no bound on seq_len (yet)
+        if any(s.type == VIDEO and self.raw_weight(n) > 0 for n, s in self.sources.items()):
             need(self.video_frames >= 1, f"video_frames must be >= 1, got {self.video_frames}")
             need(math.isfinite(self.video_fps) and self.video_fps > 0,
                  f"video_fps must be > 0 (and finite), got {self.video_fps}")
