@@ -5,6 +5,7 @@ validated ``JobConfig`` dataclasses, rejecting keys that no schema declares."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -54,8 +55,25 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
     job = OmegaConf.to_object(cfg)
     if not isinstance(job, JobConfig):
         raise ConfigError("the composed config is not a JobConfig (configs/config.yaml must start from job_schema)")
+    _reject_non_finite(job, "")
     job.validate()
     return job
+
+
+def _reject_non_finite(value, path: str) -> None:
+    """No field of any schema means something with NaN or inf (limits use 0 for "none"), and
+    a NaN passes every ``x < bound`` check written as "refuse if bad": catch both, anywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}={value} is not a finite number")
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _reject_non_finite(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_non_finite(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _reject_non_finite(v, f"{path}[{i}]")
 
 
 def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:

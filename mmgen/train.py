@@ -28,14 +28,18 @@ def _hydra_main(cfg: DictConfig) -> None:
         job = to_job_config(cfg)
         if not job.run_dir:
             job.run_dir = HydraConfig.get().runtime.output_dir
-        run_training(job, argv=[Path(sys.argv[0]).name, *sys.argv[1:]])
+        run_training(job, argv=_launch_argv or [Path(sys.argv[0]).name, *sys.argv[1:]])
     except (ConfigError, FileNotFoundError) as e:  # bad input: one line, exit 2, no traceback
         print(f"mmgen-train: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
+_launch_argv: list[str] = []  # the command as typed (recorded in the run), before the rewrite below
+
+
 def main() -> None:
-    check_overrides(sys.argv[1:])  # exits 2 with one line on a bad override
+    _launch_argv[:] = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    sys.argv[1:] = check_overrides(sys.argv[1:])  # exits 2 with one line on a bad override
     if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in sys.argv) and "--resolve" not in sys.argv:
         sys.argv.append("--resolve")  # show values, not ${...} interpolations
     _hydra_main()

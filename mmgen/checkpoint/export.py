@@ -1,12 +1,14 @@
 # Consolidated model weights: export a checkpoint to one safetensors file, and load either form.
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from mmgen.checkpoint.manager import complete_checkpoints
+from mmgen.errors import ConfigError
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -50,17 +52,63 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def export_safetensors(path: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint's plain-model weights to one safetensors file.
+
+    Args:
+        path: a checkpoint directory, or a run directory (its newest complete checkpoint).
+        out: the file to write. A directory, a path that cannot be created or written, or a
+            failed write raises ConfigError (one line); nothing is left behind then: no partial
+            file, no ``.tmp``, no directory this call created.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     ckpt = find_checkpoint(path)
-    state = {k: v.contiguous() for k, v in consolidated_state_dict(ckpt).items()}
-    meta = json.loads((ckpt / "meta.json").read_text())
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    save_file(state, str(tmp), metadata={"step": str(meta["step"]), "source": str(ckpt)})
-    tmp.replace(out)
+    tmp = out.with_name(out.name + ".tmp")
+    created = _prepare_output(out, tmp)  # before loading: a bad --out fails in a second, not after
+    try:
+        state = {k: v.contiguous() for k, v in consolidated_state_dict(ckpt).items()}
+        meta = json.loads((ckpt / "meta.json").read_text())
+        save_file(state, str(tmp), metadata={"step": str(meta["step"]), "source": str(ckpt)})
+        tmp.replace(out)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if isinstance(e, (OSError, SafetensorError)) and not isinstance(e, FileNotFoundError):
+            raise ConfigError(f"export: cannot write {out}: {_cause(e)}") from None
+        raise
     return out
+
+
+def _cause(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e).splitlines()[0]
+
+
+def _prepare_output(out: Path, tmp: Path) -> list[Path]:
+    """Check that ``out`` can be written (creating its missing parent directories, returned so a
+    failure can remove them) by opening the temporary file it is written through."""
+    if out.is_dir():
+        raise ConfigError(f"export: --out {out} is a directory; give a file name, "
+                          f"e.g. {out / 'model.safetensors'}")
+    if out.exists() and not out.is_file():
+        raise ConfigError(f"export: --out {out} exists and is not a regular file")
+    missing = [d for d in (out.parent, *out.parent.parents) if not d.exists()][::-1]
+    created: list[Path] = []
+    try:
+        for d in missing:
+            d.mkdir()
+            created.append(d)
+        with open(tmp, "wb"):
+            pass
+    except OSError as e:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise ConfigError(f"export: cannot write {out}: {_cause(e)}") from None
+    return created
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:

@@ -4,11 +4,15 @@
 * ``make-shapes``, ``make-shapes-video``, ``make-shapes-docs``: the embedded generated datasets.
 * ``prepare RECIPE``: print (or ``--run``) the commands that download a recipe into shards;
   ``--metadata FILE`` converts parquet/jsonl/json/csv/tsv metadata into the tool's input first.
-* ``check SHARDS``: read and decode every member; one line per problem; exit 1 when a shard is
-  unusable (or, with ``--strict``, when anything is wrong).
-* ``index SHARDS``: sample counts per shard, written next to the shards (``shardindex.json``).
-* ``stats SHARDS``: shards, samples, bytes, member types, caption lengths, image sizes.
-* ``preview SHARDS``: a PNG contact sheet of the first samples with their captions.
+* ``check SHARDS...``: read and decode every member; one line per problem; exit 1 when a shard is
+  unusable or missing (or, with ``--strict``, when anything is wrong).
+* ``index SHARDS...``: sample counts per shard, written next to the shards (``shardindex.json``).
+* ``stats SHARDS...``: shards, samples, bytes, member types, caption lengths, image sizes; video
+  resolution, frame rate and duration.
+* ``preview SHARDS...``: a PNG contact sheet of the first samples with their captions.
+
+``SHARDS...`` is one or more shard files, directories, globs or brace patterns (or several
+joined by "::"), so a list the shell expanded (``/data/laion/{00000..00099}.tar``) works too.
 
 Bad input (no such shards, recipe or file) is one ``mmgen: error:`` line and exit code 2
 (handled by ``mmgen.cli.main``).
@@ -123,14 +127,45 @@ def cmd_prepare(a) -> None:
 # check / index / stats / preview
 # ----------------------------------------------------------------------------------------------
 
+def shard_paths(patterns: list[str], require_tar: bool = True) -> tuple[list[str], list[str]]:
+    """Every shard named by the command's arguments, sorted, each once, and the arguments that
+    name none (``[]`` unless ``require_tar`` is False: then FileNotFoundError for the first).
+
+    Args:
+        patterns: files, directories, globs or brace patterns (or "::"-joined lists of those).
+        require_tar: refuse (ConfigError) a named file that is not a tar; ``check`` passes
+            False and reports such a file as an unusable shard instead.
+    """
+    from mmgen.data.sources import expand_shards
+
+    paths: dict[str, None] = {}
+    missing: list[str] = []
+    for pattern in patterns:
+        try:
+            paths.update(dict.fromkeys(expand_shards(pattern, require_tar=require_tar)))
+        except FileNotFoundError:
+            if require_tar:
+                raise
+            missing.append(pattern)
+    return sorted(paths), missing
+
+
 def cmd_check(a) -> None:
     import json
 
-    from mmgen.data.tools.check import check_shard
-    from mmgen.data.sources import expand_shards
+    from mmgen.data.tools.check import ShardReport, Problem, check_shard
 
+    paths, missing = shard_paths(a.shards, require_tar=False)
+    if not paths and missing:  # nothing to check: the one-line error of a bad pattern
+        shard_paths(missing[:1])
     reports = []
-    for path in expand_shards(a.shards):
+    for pattern in missing:
+        rep = ShardReport(pattern, unusable="no such shard file")
+        rep.problems.append(Problem(pattern, None, "missing_shard", "no shard file matches this name"))
+        reports.append(rep)
+        print(rep.problems[0].line())
+        print(rep.summary(), flush=True)
+    for path in paths:
         rep = check_shard(path, a.type)
         reports.append(rep)
         sample_problems = [p for p in rep.problems if p.key is not None]
@@ -158,10 +193,9 @@ def cmd_index(a) -> None:
     import json
 
     from mmgen.data.tools.check import INDEX_NAME, build_index
-    from mmgen.data.sources import expand_shards
 
     by_dir: dict[str, list[str]] = {}
-    for p in expand_shards(a.shards):
+    for p in shard_paths(a.shards)[0]:
         by_dir.setdefault(os.path.dirname(os.path.abspath(p)), []).append(p)
     for folder, paths in sorted(by_dir.items()):
         index = build_index(paths, a.name)
@@ -182,17 +216,20 @@ def cmd_stats(a) -> None:
     import numpy as np
     from PIL import Image
 
-    from mmgen.data.tools.check import caption_of, detect_type, read_index
-    from mmgen.data.decode import IMAGE_EXTS
-    from mmgen.data.sources import ShardFile, expand_shards
+    from mmgen.data.tools.check import caption_of, detect_type, read_index, video_info
+    from mmgen.data.decode import IMAGE_EXTS, VIDEO_EXTS
+    from mmgen.data.sources import ShardFile
 
-    paths = expand_shards(a.shards)
+    paths = shard_paths(a.shards)[0]
     total = size = 0
     indexed = 0
     exts: Counter = Counter()
     types: Counter = Counter()
     captions: list[int] = []
     sides: list[int] = []
+    image_sizes: Counter = Counter()
+    videos: list[dict] = []
+    unreadable_videos = 0
     damaged = []
     for path in paths:
         size += os.path.getsize(path)
@@ -219,8 +256,16 @@ def cmd_stats(a) -> None:
                 try:
                     with Image.open(io.BytesIO(m[ext])) as im:   # header only: cheap
                         sides.append(min(im.size))
+                        image_sizes[f"{im.size[0]}x{im.size[1]}"] += 1
                 except Exception:  # noqa: BLE001 - check reports it; stats only counts
                     pass
+            vext = next((e for e in VIDEO_EXTS if e in m), None)
+            if vext:
+                info = video_info(m[vext])
+                if info is None:
+                    unreadable_videos += 1
+                else:
+                    videos.append(info)
         sf.close()
     print(f"shards: {len(paths)} ({indexed} from {('shardindex.json')})   samples: {total:,}   "
           f"bytes: {size / 2**20:,.1f} MiB   per sample: {size / max(total, 1) / 1024:,.1f} KiB")
@@ -235,15 +280,45 @@ def cmd_stats(a) -> None:
     if sides:
         s = np.array(sides)
         print(f"image short side (px): median {np.median(s):.0f}, min {s.min()}, max {s.max()}")
+        print("image sizes (px): " + _most_common(image_sizes))
+    for line in _video_lines(videos, unreadable_videos):
+        print(line)
     if damaged:
         print("damaged: " + "; ".join(damaged))
 
 
+def _most_common(counts: Counter, n: int = 3) -> str:
+    text = ", ".join(f"{k} ({v})" for k, v in counts.most_common(n))
+    return text + (f", {len(counts) - n} other sizes" if len(counts) > n else "")
+
+
+def _video_lines(videos: list[dict], unreadable: int) -> list[str]:
+    """Resolution, frame rate, duration and frame count of the sampled clips (median, range)."""
+    import numpy as np
+
+    if not videos and not unreadable:
+        return []
+    out = [f"video clips read: {len(videos)}" + (f" ({unreadable} unreadable)" if unreadable else "")]
+    if not videos:
+        return out
+    out.append("video resolution (px): " + _most_common(Counter(f"{v['width']}x{v['height']}" for v in videos)))
+
+    def spread(key: str, unit: str, fmt: str) -> str | None:
+        vals = np.array([v[key] for v in videos if v.get(key)], dtype=float)
+        if not len(vals):
+            return None
+        return (f"{key} ({unit}): median {np.median(vals):{fmt}}, min {vals.min():{fmt}}, "
+                f"max {vals.max():{fmt}}")
+
+    parts = [spread("fps", "frames/s", ".3g"), spread("duration", "s", ".2f"), spread("frames", "count", ".0f")]
+    out += [f"video {p}" for p in parts if p]
+    return out
+
+
 def cmd_preview(a) -> None:
     from mmgen.data.tools.preview import contact_sheet
-    from mmgen.data.sources import expand_shards
 
-    out = contact_sheet(expand_shards(a.shards), a.out, a.num, a.size, a.type)
+    out = contact_sheet(shard_paths(a.shards)[0], a.out, a.num, a.size, a.type)
     print(f"wrote {out} ({a.num} samples at most)")
 
 
@@ -297,7 +372,7 @@ def add_data_commands(subparsers) -> None:
     pr.set_defaults(func=cmd_prepare)
 
     ck = data.add_parser("check", help="decode every member; report problems; exit 1 if a shard is unusable")
-    ck.add_argument("shards", help="directory, glob, brace pattern, or several joined by '::'")
+    ck.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns (or several joined by '::')")
     ck.add_argument("--type", default="auto", choices=["auto", "pair", "video", "interleaved"])
     ck.add_argument("--max-lines", type=int, default=50, help="problem lines printed per shard")
     ck.add_argument("--json", default="", help="also write the full report here")
@@ -305,18 +380,19 @@ def add_data_commands(subparsers) -> None:
     ck.set_defaults(func=cmd_check)
 
     ix = data.add_parser("index", help="write sample counts per shard (shardindex.json) next to the shards")
-    ix.add_argument("shards")
+    ix.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns (or several joined by '::')")
     ix.add_argument("--name", default="")
     ix.set_defaults(func=cmd_index)
 
-    st = data.add_parser("stats", help="sample counts, sizes, member types, caption lengths")
-    st.add_argument("shards")
+    st = data.add_parser("stats", help="sample counts, sizes, member types, caption lengths, video "
+                                       "resolution / fps / duration")
+    st.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns (or several joined by '::')")
     st.add_argument("--sample", type=int, default=50, help="samples per shard to read for content stats "
                                                           "(0: counts only, from shardindex.json when fresh)")
     st.set_defaults(func=cmd_stats)
 
     pv = data.add_parser("preview", help="PNG contact sheet of the first samples with captions")
-    pv.add_argument("shards")
+    pv.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns (or several joined by '::')")
     pv.add_argument("--out", default="preview.png")
     pv.add_argument("--num", type=int, default=16)
     pv.add_argument("--size", type=int, default=128, help="tile side in pixels")

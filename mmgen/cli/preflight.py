@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Sequence
 
 MAX_SWEEP_CHECK = 64
 
@@ -47,6 +49,9 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, MissingConfigException) and exc.options:
         first = str(exc).strip().splitlines()[0]
         return f"{first} (available: {', '.join(sorted(exc.options))})"
+    yaml_error = _yaml_syntax_error(exc)
+    if yaml_error:
+        return yaml_error
     parts, seen = [], set()
     e: BaseException | None = exc
     while e is not None and len(parts) < 3:
@@ -63,8 +68,32 @@ def one_line(exc: BaseException) -> str:
         if head and head not in seen:
             seen.add(head)
             parts.append(head + (f" (key: {key})" if key and key not in head else ""))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return " ".join(parts) if parts else type(exc).__name__
+
+
+def _yaml_syntax_error(exc: BaseException) -> str:
+    """PyYAML's error (somewhere in the chain) as one line with the file, line and column; its
+    first line alone ("while parsing a flow sequence") names neither."""
+    import yaml
+
+    e: BaseException | None = exc
+    while e is not None and not isinstance(e, yaml.MarkedYAMLError):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return ""
+    mark = e.problem_mark or e.context_mark
+    if mark is None:
+        return f"YAML syntax error: {e.problem or e.context or e}"
+
+    def at(m) -> str:
+        return f"line {m.line + 1}, column {m.column + 1}"
+
+    problem = e.problem or e.context or "invalid YAML"
+    context = ""
+    if e.context and e.problem:
+        context = f" ({e.context}" + (f" at {at(e.context_mark)}" if e.context_mark else "") + ")"
+    return f"YAML syntax error in {mark.name}, {at(mark)}: {problem}{context}"
 
 
 def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -83,46 +112,105 @@ def _combinations(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [list(c) for c in itertools.islice(itertools.product(*choices), MAX_SWEEP_CHECK)]
 
 
-def check_group_options(overrides: list[str]) -> None:
-    """``group=option`` must name a file in ``configs/<group>/`` or a registered option (model
-    flavors): Hydra silently skips a missing option of an ``optional`` default
-    (``experiment=nope`` would train the defaults)."""
+def check_group_options(overrides: list[str], config_dirs: Sequence[str | Path] = ()) -> None:
+    """``group=option`` must name a file in ``configs/<group>/`` (or in a ``--config-dir``) or a
+    registered option (model flavors): Hydra silently skips a missing option of an ``optional``
+    default (``experiment=nope`` would train the defaults)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from mmgen.compose import group_options
 
-    root = config_dir()
+    roots = [config_dir(), *(Path(d) for d in config_dirs)]
     for ov in OverridesParser.create().parse_overrides(overrides):
         group, value = ov.key_or_group, ov.value()
         if (not group or group.startswith("hydra") or ov.is_delete() or ov.package
                 or not isinstance(value, str) or "." in group):
             continue  # hydra/* options also come from plugins (ConfigStore), not only files
         registered = group_options(group)
-        if not (root / group).is_dir() and not registered:
+        if not any((r / group).is_dir() for r in roots) and not registered:
             continue
-        options = sorted({p.stem for p in (root / group).glob("*.yaml")} | set(registered))
+        options = sorted({p.stem for r in roots for p in (r / group).glob("*.yaml")} | set(registered))
         if value not in options:
             raise ValueError(f"Could not find '{group}/{value}' (available: {', '.join(options)})")
 
 
-def compose_job(overrides: list[str], config_name: str = "config"):
-    """Compose + convert + validate one configuration; raises on any problem."""
+def extra_config_dirs(config_dir_arg: str | None) -> list[Path]:
+    """Hydra's ``--config-dir DIR`` (a directory added to the search path, after configs/):
+    the directory as an absolute path, or ValueError (one line) if there is none."""
+    if not config_dir_arg:
+        return []
+    path = Path(config_dir_arg).expanduser().resolve()
+    if not path.is_dir():
+        raise ValueError(f"--config-dir {config_dir_arg}: no such directory")
+    return [path]
+
+
+# `+data.sources.NAME=VALUE` and `+data.sources.NAME.FIELD=VALUE` (one `+` or two)
+_SOURCE_ADD = re.compile(r"^(\+\+?)data\.sources\.([A-Za-z0-9_-]+)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)=(.*)$", re.S)
+
+
+def source_overrides(overrides: list[str]) -> list[str]:
+    """Adding a source on the command line, ``+data.sources.clips={type:video,shards:...}``,
+    fails inside OmegaConf: it cannot assign a mapping to a new key of a dict of dataclasses
+    (``dict[str, SourceConfig]``), though it can merge one. Such an override (and the per-field
+    form ``+data.sources.clips.shards=...``) is rewritten into the merge Hydra applies with
+    the same meaning, ``+data.sources={clips:{...}}``: the fields are type-checked against
+    SourceConfig as in a YAML file. Sweeps and anything that would not parse stay as given.
+
+    Args:
+        overrides: command-line arguments (Hydra flags pass through unchanged).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for ov in overrides:
+        m = _SOURCE_ADD.match(ov)
+        if m:
+            plus, name, path, value = m.groups()
+            for key in reversed(path.split(".")[1:]):
+                value = f"{{{key}:{value}}}"
+            merged = f"{plus}data.sources={{{name}:{value}}}"
+            try:
+                if not parser.parse_override(ov).is_sweep_override():
+                    parser.parse_override(merged)
+                    ov = merged
+            except Exception:  # noqa: BLE001 - Hydra reports the original override as it was
+                pass
+        out.append(ov)
+    return out
+
+
+def compose_job(overrides: list[str], config_name: str = "config", config_dirs: Sequence[str | Path] = ()):
+    """Compose + convert + validate one configuration; raises on any problem.
+
+    Args:
+        overrides: Hydra overrides (``key=value``, ``group=option``, ``+key=value``).
+        config_name: the primary config in configs/ (``--config-name``).
+        config_dirs: extra config directories searched after configs/, as Hydra's
+            ``--config-dir`` adds them (a user's ``experiment/``, ``data/`` ... YAMLs).
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from mmgen.compose import register_configs, to_job_config
 
-    check_group_options(overrides)
+    overrides = source_overrides(list(overrides))
+    check_group_options(overrides, config_dirs)
     register_resolvers()
     register_configs()
     GlobalHydra.instance().clear()
+    # what Hydra's --config-dir does for a real run: search these after configs/
+    dirs = ",".join(f"file://{Path(d).resolve()}" for d in config_dirs)
+    search = [f"hydra.searchpath=[{dirs}]"] if config_dirs else []
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=[*overrides, *search], return_hydra_config=True)
         return to_job_config(cfg)
 
 
-def check_overrides(argv: list[str], prog: str = "mmgen-train") -> None:
-    """Validate the overrides in ``argv`` (Hydra's own flags are understood); exit 2 if bad."""
+def check_overrides(argv: list[str], prog: str = "mmgen-train") -> list[str]:
+    """Validate the overrides in ``argv`` (Hydra's own flags are understood); exit 2 if bad.
+    Returns ``argv`` as Hydra should receive it (``source_overrides``)."""
     from hydra._internal.utils import get_args_parser
 
     parser = get_args_parser()
@@ -133,11 +221,23 @@ def check_overrides(argv: list[str], prog: str = "mmgen-train") -> None:
 
     parser.error = one_line_error
     args = parser.parse_args(argv)
+    typed = list(argv)
+    argv = source_overrides(typed)
     if args.help or args.hydra_help or args.shell_completion or args.info:
-        return
+        return argv
     try:
+        dirs = extra_config_dirs(args.config_dir)
         for combo in _combinations(list(args.overrides), bool(args.multirun)):
-            compose_job(combo, config_name=args.config_name or "config")
+            compose_job(combo, config_name=args.config_name or "config", config_dirs=dirs)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line + exit 2
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        message = one_line(e)
+        for given, rewritten in zip(typed, argv):  # name overrides as they were typed
+            message = message.replace(rewritten, given)
+        if "input '" in message and any(_BRACES.search(o) for o in args.overrides):
+            message += " (a brace pattern inside an override needs quotes: key='/data/{000..099}.tar')"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+    return argv
+
+
+_BRACES = re.compile(r"=[^'\"]*\{[^{}:,]*\.\.[^{}]*\}")  # an unquoted {a..b} in a value

@@ -3,15 +3,18 @@
 
 One source (the default): ``train_shards`` / ``val_shards`` hold image-text pairs and the source
 is called ``name``. Several sources: ``sources`` maps a name to a ``SourceConfig`` (shards and
-sample type) and ``weights`` gives each source's share of the documents (sample-level mixing,
-README.md "Mixing"); ``train_shards`` / ``val_shards`` are then unused.
+sample type) and ``weights`` (or a source's own ``weight``) gives each source's share of the
+documents (sample-level mixing, README.md "Mixing"); ``train_shards`` / ``val_shards`` are then
+unused. A source of weight 0 is not read, and its shards need not exist.
 
 Shard existence is checked when the loader is built (``build_dataloader``), not here, so a
 config can be validated on a machine that does not hold the data.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from mmgen.models.codecs import CODECS, VisualCodec, build_codec
 from mmgen.models.tokenizers import TOKENIZERS
@@ -34,12 +37,16 @@ class SourceConfig:
         type: sample type of every sample: "pair" (image + caption), "interleaved" (``.json``
             with parallel ``texts``/``images`` lists + image members) or "video" (clip + caption).
         recipe: the ``data_recipes/<recipe>.yaml`` the shards were made with (documentation).
+        weight: this source's mixing weight, so a source added on the command line carries its
+            own (``+data.sources.clips={type:video,shards:...,weight:0.2}``); None = the entry
+            in ``DataConfig.weights`` (or 1 when ``weights`` is empty). Weights are relative.
     """
 
     shards: str = ""
     val_shards: str = ""
     type: str = PAIR
     recipe: str = ""
+    weight: Optional[float] = None
 
 
 @dataclass
@@ -99,10 +106,17 @@ class DataConfig:
             return {self.name: SourceConfig(self.train_shards, self.val_shards, PAIR)}
         return {k: self.sources[k] for k in sorted(self.sources)}
 
+    def raw_weight(self, name: str) -> float:
+        """A source's weight before normalising: its own ``weight``, else ``weights[name]``,
+        else 1 when ``weights`` is empty (equal mixing)."""
+        src = self.source_configs().get(name)
+        if src is not None and src.weight is not None:
+            return float(src.weight)
+        return float(self.weights.get(name, 0.0) if self.weights else 1.0)
+
     def source_weights(self) -> dict[str, float]:
-        """Normalised weights in source order (equal when ``weights`` is empty)."""
-        names = list(self.source_configs())
-        raw = {n: float(self.weights.get(n, 0.0) if self.weights else 1.0) for n in names}
+        """Normalised weights in source order (equal when no weight is given)."""
+        raw = {n: self.raw_weight(n) for n in self.source_configs()}
         total = sum(raw.values())
         return {n: w / total for n, w in raw.items()}
 
@@ -138,18 +152,27 @@ class DataConfig:
             need(src.type in SAMPLE_TYPES,
                  f"sources.{name}.type={src.type!r} is not one of {', '.join(SAMPLE_TYPES)}")
             need(bool(src.shards), f"sources.{name}.shards is empty")
+            if src.weight is not None:
+                need(math.isfinite(src.weight) and src.weight >= 0,
+                     f"sources.{name}.weight={src.weight} must be >= 0 (and finite)")
+                need(name not in self.weights or self.weights[name] == src.weight,
+                     f"sources.{name}.weight={src.weight} and weights.{name}={self.weights.get(name)} "
+                     f"disagree (give one)")
         names = set(self.source_configs())
         for name, w in self.weights.items():
             need(name in names, f"weights.{name}: no such source (sources: {', '.join(sorted(names))})")
-            need(w >= 0, f"weights.{name}={w} must be >= 0")
+            need(math.isfinite(w) and w >= 0, f"weights.{name}={w} must be >= 0 (and finite)")
         if self.weights:
-            missing = sorted(names - set(self.weights))
+            own = {n for n, s in self.sources.items() if s.weight is not None}
+            missing = sorted(names - set(self.weights) - own)
             need(not missing, f"weights has no entry for source(s) {', '.join(missing)} "
                               f"(give every source a weight, 0 to leave one out)")
-            need(sum(self.weights.values()) > 0, "weights sum to 0")
-        if any(s.type == VIDEO for s in self.sources.values()):
+        need(sum(self.raw_weight(n) for n in names) > 0, "source weights sum to 0")
+        # a video source of weight 0 is not read, so it sets no bound on seq_len (yet)
+        if any(s.type == VIDEO and self.raw_weight(n) > 0 for n, s in self.sources.items()):
             need(self.video_frames >= 1, f"video_frames must be >= 1, got {self.video_frames}")
-            need(self.video_fps > 0, f"video_fps must be > 0, got {self.video_fps}")
+            need(math.isfinite(self.video_fps) and self.video_fps > 0,
+                 f"video_fps must be > 0 (and finite), got {self.video_fps}")
             self._check_grid("video frame size", self.frame_size)
             need(self.video_clip_start in CLIP_STARTS,
                  f"video_clip_start={self.video_clip_start!r} is not one of {', '.join(CLIP_STARTS)}")

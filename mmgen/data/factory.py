@@ -38,18 +38,22 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
         raise ValueError(f"data: split must be 'train' or 'val', got {split!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"data: rank {rank} outside world_size {world_size}")
+    all_weights = cfg.source_weights()
     sources = []
     for name, sc in cfg.source_configs().items():
         pattern = sc.shards if split == "train" else sc.val_shards
         if not pattern:
             continue
+        if all_weights[name] == 0:  # never drawn (mixing.py), so its shards need not exist
+            if rank == 0:
+                log.info("data: source %r has weight 0: not read (%s shards %r not opened)",
+                         name, split, pattern)
+            continue
         sources.append(_Source(name, sc.type, pattern, expand_shards(pattern)))
     if not sources:
-        raise ValueError(f"data: no source of data config '{cfg.name}' has {split} shards")
-    all_weights = cfg.source_weights()
+        raise ValueError(f"data: no source of data config '{cfg.name}' with a weight above 0 "
+                         f"has {split} shards")
     weights = {s.name: all_weights[s.name] for s in sources}
-    if not sum(weights.values()) > 0:
-        raise ValueError(f"data: every source with {split} shards has weight 0")
     if grad_accum < 1:
         raise ValueError(f"data: grad_accum must be >= 1, got {grad_accum}")
     streams = world_size * grad_accum

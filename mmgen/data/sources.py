@@ -20,6 +20,8 @@ from typing import Any
 
 import braceexpand
 
+from mmgen.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -62,9 +64,26 @@ def _expand_one(part: str) -> list[str]:
     return [p for p in named if os.path.isfile(p)]
 
 
-def expand_shards(pattern: str) -> list[str]:
+def _check_is_shard(path: str) -> None:
+    """A named file without a shard suffix must at least be a tar: anything else (a text file, a
+    bare image) would otherwise be read as a shard of zero samples and the loader would blame the
+    layout. Files with a shard suffix are not opened here (thousands of them on network storage);
+    a damaged one is skipped and counted when read."""
+    if path.endswith(SHARD_SUFFIXES):
+        return
+    try:
+        is_tar = tarfile.is_tarfile(path)
+    except OSError as exn:
+        raise ConfigError(f"data: cannot read shard '{path}': {exn.strerror or exn}") from None
+    if not is_tar:
+        raise ConfigError(f"data: '{path}' is not a tar shard (a shard is a .tar of samples such "
+                          f"as <key>.jpg + <key>.txt; `mmgen data check` inspects shards)")
+
+
+def expand_shards(pattern: str, require_tar: bool = True) -> list[str]:
     """All shard paths named by ``pattern`` (directory, glob, brace pattern, or several joined by
-    "::"), de-duplicated and sorted. Raises FileNotFoundError naming the pattern if empty."""
+    "::"), de-duplicated and sorted. Raises FileNotFoundError naming the pattern if empty, and
+    (``require_tar``) ConfigError naming a file that is not a tar archive."""
     paths: set[str] = set()
     for part in (p.strip() for p in pattern.split("::")):
         if part:
@@ -72,7 +91,10 @@ def expand_shards(pattern: str) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"shard pattern '{pattern}' matches no shard files "
                                 f"(cwd {os.getcwd()})")
-    return sorted(paths)
+    ordered = sorted(paths)
+    for path in ordered if require_tar else ():
+        _check_is_shard(path)
+    return ordered
 
 
 def shard_fingerprint(shards: list[str]) -> str:

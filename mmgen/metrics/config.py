@@ -1,6 +1,7 @@
 # Typed configuration of metrics and dashboards (Hydra group `metrics/`).
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -8,6 +9,9 @@ from dataclasses import dataclass, field
 class MetricsConfig:
     """Args:
         wandb: also log to Weights & Biases (``metrics.jsonl`` is always written).
+        tensorboard: also write TensorBoard event files to ``runs/<name>/tensorboard/`` (the
+            same keys and steps as metrics.jsonl; sample grids as images). Both backends at
+            once: ``metrics=[wandb,tensorboard]`` or ``metrics=wandb metrics.tensorboard=true``.
         wandb_mode: ``offline`` (no network; sync later with ``wandb sync``) or ``online``.
         wandb_project, wandb_entity, wandb_group, tags: W&B run placement. An empty
             ``wandb_group`` groups the runs of one ``-m`` sweep (``runs/<name>-sweep/N``) under
@@ -18,6 +22,7 @@ class MetricsConfig:
     """
 
     wandb: bool = False
+    tensorboard: bool = False
     wandb_mode: str = "offline"
     wandb_project: str = "mmgen"
     wandb_entity: str = ""
@@ -28,5 +33,7 @@ class MetricsConfig:
     peak_tflops: float = 0.0
 
     def validate(self) -> None:
+        if not (math.isfinite(self.peak_tflops) and self.peak_tflops >= 0):
+            raise ValueError(f"metrics.peak_tflops must be a finite number >= 0 (0 = detect), got {self.peak_tflops}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"metrics.wandb_mode='{self.wandb_mode}' must be offline, online or disabled")

@@ -1,4 +1,4 @@
-# One metrics processor: JSONL always, W&B optionally (null object otherwise), a progress bar.
+# One metrics processor: JSONL always; W&B and TensorBoard optionally (null objects otherwise); a bar.
 from __future__ import annotations
 
 import json
@@ -27,6 +27,60 @@ def detect_peak_tflops(device: torch.device) -> float:
 class _NullWandb:
     def log(self, *a, **k): pass
     def finish(self, *a, **k): pass
+
+
+class _NullTensorBoard:
+    def log(self, *a, **k): pass
+    def log_image(self, *a, **k): pass
+    def finish(self, *a, **k): pass
+
+
+class _TensorBoard:
+    """Event files under ``runs/<name>/tensorboard/``: every numeric value of a metrics.jsonl
+    record as a scalar under the same key and step, sample grids as images.
+
+    The writer opens at the first event, with ``purge_step`` = that step: a resumed run re-logs
+    the steps after its checkpoint, and TensorBoard's reader then drops the earlier process's
+    events from that step on (as metrics.jsonl readers keep the last record of a step)."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self._writer = None
+
+    def _open(self, step: int):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=step)
+        return self._writer
+
+    def log(self, values: dict, step: int) -> None:
+        w = self._open(step)
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                w.add_scalar(k, v, global_step=step)
+        w.flush()  # a crashed run keeps what it logged, like metrics.jsonl
+
+    def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        import numpy as np
+        from PIL import Image
+
+        w = self._open(step)
+        with Image.open(path) as im:
+            w.add_image(key, np.asarray(im.convert("RGB")), global_step=step, dataformats="HWC")
+        if caption:
+            w.add_text(f"{key}/caption", caption, global_step=step)
+        w.flush()
+
+    def finish(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _init_tensorboard(cfg: MetricsConfig, run_dir: Path):
+    if not cfg.tensorboard:
+        return _NullTensorBoard()
+    return _TensorBoard(run_dir / "tensorboard")
 
 
 def _init_wandb(cfg: MetricsConfig, run_dir: Path, name: str, config: dict, tags: list[str]):
@@ -74,10 +128,12 @@ class MetricsLogger:
         self._file = None
         self._bar = None
         self.wandb = _NullWandb()
+        self.tensorboard = _NullTensorBoard()
         if not is_main:
             return
         self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.wandb = _init_wandb(cfg, self.run_dir, name, config or {}, tags or [])
+        self.tensorboard = _init_tensorboard(cfg, self.run_dir)
         if cfg.progress:
             from tqdm import tqdm
 
@@ -96,6 +152,7 @@ class MetricsLogger:
         record = {"step": step, "time": round(time.time(), 3), **clean}
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         self.wandb.log(clean, step=step)
+        self.tensorboard.log(clean, step=step)
         if self._bar is not None:
             self._bar.n = step
             short = {k.split("/")[-1]: v for k, v in clean.items()
@@ -104,7 +161,10 @@ class MetricsLogger:
                                    for k, v in short.items()}, refresh=True)
 
     def log_image(self, step: int, key: str, path: Path, caption: str = "") -> None:
-        if not self.is_main or isinstance(self.wandb, _NullWandb):
+        if not self.is_main:
+            return
+        self.tensorboard.log_image(key, path, step, caption)
+        if isinstance(self.wandb, _NullWandb):
             return
         import wandb
 
@@ -116,3 +176,4 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
         self.wandb.finish()
+        self.tensorboard.finish()

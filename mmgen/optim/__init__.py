@@ -35,16 +35,23 @@ class OptimConfig:
     def validate(self) -> None:
         if self.name != "adamw":
             raise ValueError(f"optim.name='{self.name}' is not available (available: adamw)")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        # NaN compares False with everything, so each bound is written as "ok" (never "bad"),
+        # and inf is refused explicitly: either would train on NaN weights from the first step
+        finite = math.isfinite
+        if not (finite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        for key in ("eps", "weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            if not (finite(value) and value >= 0):
+                raise ValueError(f"optim.{key} must be a finite number >= 0, got {value}")
         if self.decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"optim.decay='{self.decay}' must be cosine, linear or constant")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("optim.min_lr_ratio must be in [0, 1]")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("optim.warmup_steps and optim.grad_clip must be >= 0")
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -211,6 +211,34 @@ def _count_frames(data: bytes) -> int:
         return sum(1 for _ in c.decode(c.streams.video[0]))
 
 
+def video_info(data: bytes) -> dict | None:
+    """Width, height, frame rate (frames/s), duration (s) and frame count of a clip, from the
+    container and stream headers (nothing decoded); None if it cannot be opened. A value the
+    headers do not give is 0 (duration falls back to frames / fps)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as c:
+            if not c.streams.video:
+                return None
+            st = c.streams.video[0]
+            rate = st.average_rate or st.guessed_rate or st.base_rate
+            fps = float(rate) if rate else 0.0
+            if st.duration is not None and st.time_base is not None:
+                duration = float(st.duration * st.time_base)
+            elif c.duration is not None:
+                duration = c.duration / 1_000_000   # microseconds (av.time_base)
+            else:
+                duration = 0.0
+            frames = int(st.frames or 0)
+            if not duration and frames and fps:
+                duration = frames / fps
+            return {"width": st.codec_context.width, "height": st.codec_context.height,
+                    "fps": fps, "duration": duration, "frames": frames}
+    except Exception:  # noqa: BLE001 - av raises FFmpegError subclasses; `check` reports them
+        return None
+
+
 def check_sample(path: str, key: str, m: dict[str, bytes], kind: str) -> list[Problem]:
     """Every problem of one sample (empty list: the loader would use it)."""
     if kind == PAIR:
