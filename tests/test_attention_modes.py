@@ -213,6 +213,7 @@ def test_a_hidden_span_does_not_reach_later_positions_of_the_model():
     assert not torch.allclose(va, vc)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_block_mask_and_flex_match_sdpa_on_cuda():
     """The GPU path: create_block_mask compiled over the moded mask_mod, compiled flex
