@@ -51,12 +51,14 @@ def refused_global(error: BaseException) -> str:
     return first[:160]
 
 
-def refusal(path: Path | str, error: BaseException, what: str = "") -> UnsafeCheckpointError:
-    """The one-line error for a file that would need pickle."""
+def refusal(path: Path | str, error: BaseException, what: str = "", trustable: bool = True) -> UnsafeCheckpointError:
+    """The one-line error for a file that would need pickle (``trustable``: the trust
+    switch would let it load; else the format never holds pickled objects)."""
     kind = f" ({what})" if what else ""
+    fix = TRUST_HINT if trustable else "mmgen writes this file with tensors and plain values only: it is not mmgen's"
     return UnsafeCheckpointError(
         f"{path}: not loaded: it needs pickle for {refused_global(error)}{kind}, and unpickling can run "
-        f"code; {TRUST_HINT}")
+        f"code; {fix}")
 
 
 def unreadable(path: Path | str, error: BaseException) -> CheckpointError:
@@ -65,7 +67,7 @@ def unreadable(path: Path | str, error: BaseException) -> CheckpointError:
 
 
 def load_plain(path: Path | str, *, map_location: Any = "cpu", trust: bool = False,
-               allow: Iterable = (), what: str = "") -> Any:
+               allow: Iterable = (), what: str = "", trustable: bool = True) -> Any:
     """``torch.load`` of a file that holds tensors and plain values (dicts, lists, tuples,
     numbers, strings, None).
 
@@ -76,6 +78,7 @@ def load_plain(path: Path | str, *, map_location: Any = "cpu", trust: bool = Fal
         allow: classes (or ``(class, "module.Name")`` pairs) the restricted unpickler may build
             for this one load (``torch.serialization.safe_globals``).
         what: a few words on what would need pickle, for the refusal message.
+        trustable: the refusal names the trust switch (False: files that never need pickle).
 
     Raises:
         UnsafeCheckpointError: the file needs pickle and ``trust`` is False.
@@ -86,7 +89,7 @@ def load_plain(path: Path | str, *, map_location: Any = "cpu", trust: bool = Fal
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust:
-            raise refusal(path, e, what) from None
+            raise refusal(path, e, what, trustable) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise unreadable(path, e) from None
     try:

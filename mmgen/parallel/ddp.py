@@ -50,8 +50,8 @@ class DDPEngine(TorchEngine):
 
         dev = self.dist.device
         check_ddp_files(path)
-        self.module.load_state_dict(load_plain(path / "model.pt", map_location=dev))
-        self.optimizer.load_state_dict(load_plain(path / "optimizer.pt", map_location=dev))
+        self.module.load_state_dict(load_plain(path / "model.pt", map_location=dev, trustable=False))
+        self.optimizer.load_state_dict(load_plain(path / "optimizer.pt", map_location=dev, trustable=False))
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
@@ -89,4 +89,4 @@ def checkpoint_state_dict(ckpt: Path, trust: bool = False) -> dict[str, torch.Te
 
     if not (ckpt / "model.pt").is_file():
         raise FileNotFoundError(f"{ckpt}: not a DDP checkpoint (no model.pt)")
-    return load_plain(ckpt / "model.pt")
+    return load_plain(ckpt / "model.pt", trustable=False)

@@ -161,7 +161,10 @@ def safe_dcp_reader(where: Path, trust: bool = False, planner_base=None, own: bo
     if trust:
         return FileSystemReader(str(where)), base()
     reader_cls, planner_cls = _safe_dcp_classes(base)
-    return reader_cls(str(where), own=own), planner_cls(where, own=own)
+    reader = reader_cls(str(where), own=own)
+    # read once here: inside dcp.load a refusal would reach us only as text in an AssertionError
+    reader.read_metadata()
+    return reader, planner_cls(where, own=own)
 
 
 @functools.cache
@@ -179,6 +182,8 @@ def _safe_dcp_classes(planner_base):
 
         def read_metadata(self, *args, **kwargs):
             rank = kwargs.get("rank")
+            if rank is None and getattr(self, "_metadata", None) is not None:
+                return self._metadata  # read (and checked) once, by safe_dcp_reader
             path = Path(str(self.path)) / (DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}")
             with open(path, "rb") as f:
                 try:
@@ -190,6 +195,8 @@ def _safe_dcp_classes(planner_base):
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
+            if rank is None:
+                self._metadata = metadata
             return metadata
 
     class CheckedPlanner(planner_base):
