@@ -200,6 +200,21 @@ def test_a_v1_checkpoint_is_refused_in_one_line_and_resumes_with_trust(shapes_di
     assert t.state.step == 12 and t.state.tokens_seen == new["state"]["tokens_seen"]
 
 
+def test_own_run_rule_turns_a_refusal_into_a_warning(tmp_path, caplog):
+    """The trust rule's second case, on the checker itself: a file this run wrote into its own
+    directory is let through with a warning naming it; from anywhere else it is refused."""
+    from mmgen.checkpoint.safety import UnsafeCheckpointError, check_restricted
+
+    marker = tmp_path / "marker"
+    plant(tmp_path / "shard.pt", marker)
+    with pytest.raises(UnsafeCheckpointError):
+        check_restricted(tmp_path / "shard.pt", [], what="a DeepSpeed shard")
+    with caplog.at_level(logging.WARNING, logger="mmgen.checkpoint"):
+        check_restricted(tmp_path / "shard.pt", [], what="a DeepSpeed shard", own=True)
+    assert any("shard.pt" in r.getMessage() and "own run directory" in r.getMessage() for r in caplog.records)
+    assert not marker.exists()  # the check itself never unpickles
+
+
 def test_init_from_a_file_that_is_no_safetensors_runs_nothing(shapes_dir, tmp_path):
     marker = tmp_path / "marker"
     fake = tmp_path / "weights.safetensors"
@@ -346,6 +361,25 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_used(shapes_dir
                 and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and WHAT[how] in warnings[0] and "step_0000012" in warnings[0], warnings
     assert "sharded backend" not in warnings[0]
+
+
+def test_a_checkpoint_without_checksums_is_checked_for_structure(shapes_dir, ddp_copy, caplog):
+    """Written before meta.json had checksums: a truncated zip is still found and set aside."""
+    ckpt = ddp_copy / "checkpoints" / "step_0000012"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["files"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    os.truncate(ckpt / "model.pt", 300000)
+    with caplog.at_level(logging.WARNING, logger="mmgen.checkpoint"):
+        assert resume(shapes_dir, ddp_copy).state.step == 8
+    assert any("model.pt is not a complete torch.save file" in r.getMessage() for r in caplog.records)
+
+
+def test_a_missing_model_pt_is_named_without_checksums(shapes_dir, ddp_copy):
+    (ddp_copy / "checkpoints" / "step_0000012" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        resume(shapes_dir, ddp_copy, "checkpoint.checksums=false")
+    assert str(e.value).endswith("step_0000012: model.pt missing from this DDP checkpoint"), str(e.value)
 
 
 def test_the_issue_probe_truncated_model_then_the_same_command(shapes_dir, ddp_copy, tmp_path):

@@ -14,7 +14,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -174,7 +173,3 @@ def set_aside_name(ckpt: Path) -> Path:
         out = ckpt.with_name(f"{ckpt.name}.damaged.{n}")
         n += 1
     return out
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
