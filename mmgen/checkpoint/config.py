@@ -14,6 +14,12 @@ class CheckpointConfig:
             or a path to a checkpoint directory (``.../step_0000100``).
         init_from: path of a checkpoint (or exported .safetensors) whose *model weights*
             initialise a new run (no optimizer/data state), e.g. to fine-tune.
+        trust: allow unpickling checkpoint files that need it (DeepSpeed shards naming
+            classes beyond the known few, checkpoints of mmgen v1) from anywhere; unpickling
+            can run code, so only for files from someone you trust (docs/checkpoints.md).
+            Without it such files load only when this run wrote them into its own directory.
+        checksums: record the SHA-256 of every file in meta.json and verify them before a
+            resume (a damaged newest checkpoint is set aside and the previous one used).
     """
 
     enabled: bool = True
@@ -21,6 +27,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"
     init_from: str = ""
+    trust: bool = False
+    checksums: bool = True
 
     def validate(self) -> None:
         if self.every < 1:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from mmgen.checkpoint.integrity import read_meta, verify_share
 from mmgen.checkpoint.manager import complete_checkpoints
+from mmgen.checkpoint.safety import CheckpointError
 from mmgen.errors import ConfigError
 
 
@@ -39,19 +41,45 @@ def checkpoint_backend(ckpt: Path) -> str:
     raise FileNotFoundError(f"{ckpt}: no model state found (model.pt, {FSDP_DIR}/ or {DS_TAG}/)")
 
 
-def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+def verify_checkpoint(ckpt: Path) -> None:
+    """Check every file against meta.json's checksums in this process (export, init_from:
+    no process group). A checkpoint without checksums is not checked here; its loads still
+    fail in one line if a file is damaged.
+
+    Raises:
+        CheckpointError: a file is missing or differs from its record.
+    """
+    try:
+        meta = read_meta(ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt}: damaged: {e}") from None
+    if "files" not in meta:
+        return
+    problems = verify_share(ckpt, meta, 0, 1)
+    if problems:
+        raise CheckpointError(f"{ckpt}: damaged: {'; '.join(problems)}")
+
+
+def consolidated_state_dict(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """Plain-model state dict of a checkpoint of any backend, read by the backend that wrote
-    it (no process group needed)."""
+    it (no process group needed).
+
+    Args:
+        ckpt: the checkpoint directory.
+        trust: let files that need pickle be unpickled (``--trust``, ``checkpoint.trust``).
+    """
     from mmgen.parallel.registry import BACKENDS, get_backend
 
     backend = checkpoint_backend(ckpt)
     if backend not in BACKENDS:
         raise ValueError(f"{ckpt}: written by backend '{backend}', which this mmgen does not have "
                          f"(available: {', '.join(BACKENDS)})")
-    return get_backend(backend).checkpoint_state_dict(ckpt)
+    if (ckpt / "meta.json").is_file():
+        verify_checkpoint(ckpt)
+    return get_backend(backend).checkpoint_state_dict(ckpt, trust=trust)
 
 
-def export_safetensors(path: str | Path, out: str | Path) -> Path:
+def export_safetensors(path: str | Path, out: str | Path, trust: bool = False) -> Path:
     """Write a checkpoint's plain-model weights to one safetensors file.
 
     Args:
@@ -59,6 +87,7 @@ def export_safetensors(path: str | Path, out: str | Path) -> Path:
         out: the file to write. A directory, a path that cannot be created or written, or a
             failed write raises ConfigError (one line); nothing is left behind then: no partial
             file, no ``.tmp``, no directory this call created.
+        trust: as for :func:`consolidated_state_dict`.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -68,7 +97,7 @@ def export_safetensors(path: str | Path, out: str | Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     created = _prepare_output(out, tmp)  # before loading: a bad --out fails in a second, not after
     try:
-        state = {k: v.contiguous() for k, v in consolidated_state_dict(ckpt).items()}
+        state = {k: v.contiguous() for k, v in consolidated_state_dict(ckpt, trust=trust).items()}
         meta = json.loads((ckpt / "meta.json").read_text())
         save_file(state, str(tmp), metadata={"step": str(meta["step"]), "source": str(ckpt)})
         tmp.replace(out)
@@ -111,13 +140,27 @@ def _prepare_output(out: Path, tmp: Path) -> list[Path]:
     return created
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+def load_model_weights(model: torch.nn.Module, path: str | Path, trust: bool = False) -> None:
+    """Load plain-model weights into ``model`` (strict).
+
+    Args:
+        model: the plain model.
+        path: a ``.safetensors`` file (no pickle by construction), or a run or checkpoint
+            directory of any backend.
+        trust: as for :func:`consolidated_state_dict` (checkpoint directories only).
+    """
     p = Path(path)
     if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(p))
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+        try:
+            state = load_file(str(p))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
     else:
-        state = consolidated_state_dict(find_checkpoint(p))
+        state = consolidated_state_dict(find_checkpoint(p), trust=trust)
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in state.items()})

@@ -8,9 +8,13 @@ from pathlib import Path
 
 from mmgen.cli.data import add_data_commands
 
+TRUST_HELP = ("unpickle checkpoint files that need it (DeepSpeed shards naming unknown classes, mmgen v1 "
+              "checkpoints): unpickling can run code, use only for checkpoints from someone you trust")
 
-def _load_run(run: str, overrides: list[str] | None = None):
-    """Rebuild the job config and the plain model (newest checkpoint) of a run directory."""
+
+def _load_run(run: str, overrides: list[str] | None = None, trust: bool = False):
+    """Rebuild the job config and the plain model (newest checkpoint) of a run directory
+    (``trust``: let checkpoint files that need pickle be unpickled, docs/checkpoints.md)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -30,7 +34,7 @@ def _load_run(run: str, overrides: list[str] | None = None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(job.model).to(device)
     ckpt = find_checkpoint(run)
-    load_model_weights(model, ckpt)
+    load_model_weights(model, ckpt, trust=trust)
     model.eval()
     return job, model, ckpt
 
@@ -51,7 +55,7 @@ def cmd_sample(a) -> None:
     for path in a.image or []:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--image {path}: no such file")
-    job, model, ckpt = _load_run(a.run, a.set)
+    job, model, ckpt = _load_run(a.run, a.set, trust=a.trust)
     ctx = build_sample_context(job, build_tokenizer(job.data.tokenizer))
     names, owner = objective_samplers(job.objective.name), f"objective={job.objective.name}"
     if a.prompt:
@@ -93,7 +97,7 @@ def cmd_eval(a) -> None:
 def cmd_export(a) -> None:
     from mmgen.checkpoint.export import export_safetensors
 
-    out = export_safetensors(a.run, a.out)
+    out = export_safetensors(a.run, a.out, trust=a.trust)
     print(f"exported {out.resolve()}")
 
 
@@ -109,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image", action="append", help="image file to caption (repeatable)")
     sp.add_argument("--out", default="samples.png")
     sp.add_argument("--set", action="append", default=[], help="config override, e.g. sampler.guidance=5")
+    sp.add_argument("--trust", action="store_true", help=TRUST_HELP)
     sp.set_defaults(func=cmd_sample)
 
     ev = sub.add_parser("eval", help="evaluate a run").add_subparsers(dest="eval_command", required=True)
@@ -122,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file")
     ex.add_argument("run", help="run or checkpoint directory")
     ex.add_argument("--out", required=True)
+    ex.add_argument("--trust", action="store_true", help=TRUST_HELP)
     ex.set_defaults(func=cmd_export)
 
     from mmgen.metrics.report import cmd_report  # matplotlib is imported only when it draws

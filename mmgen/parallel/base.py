@@ -149,8 +149,10 @@ class Engine(ABC):
         """Write model and optimizer state under ``path`` (called on every rank)."""
 
     @abstractmethod
-    def load(self, path: Path) -> None:
-        """Restore what :meth:`save` wrote (called on every rank)."""
+    def load(self, path: Path, trust: bool = False, own: bool = False) -> None:
+        """Restore what :meth:`save` wrote (called on every rank). Files that need pickle
+        are unpickled only with ``trust`` (``checkpoint.trust``) or, with a warning, ``own``
+        (this run wrote them into its own run directory): mmgen.checkpoint.safety."""
 
     @abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:

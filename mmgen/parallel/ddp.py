@@ -4,6 +4,7 @@ compile on the meta model; the DistributedDataParallel wrapper comes after mater
 (it broadcasts rank 0's parameters at construction, so it needs real ones)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -42,15 +43,15 @@ class DDPEngine(TorchEngine):
             torch.save(self.module.state_dict(), path / "model.pt")
             torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, trust: bool = False, own: bool = False) -> None:
+        """Both files hold tensors and plain values: always read with weights_only=True
+        (``trust`` and ``own`` are not needed)."""
+        from mmgen.checkpoint.safety import load_plain
+
         dev = self.dist.device
-        if not (path / "model.pt").is_file():
-            raise FileNotFoundError(
-                f"{path}: not a DDP checkpoint (no model.pt; written by a sharded backend?); start "
-                f"a new run with checkpoint.init_from={path.parent.parent} to take its weights "
-                f"into parallel=ddp")
-        self.module.load_state_dict(torch.load(path / "model.pt", map_location=dev, weights_only=True))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dev, weights_only=True))
+        check_ddp_files(path)
+        self.module.load_state_dict(load_plain(path / "model.pt", map_location=dev, trustable=False))
+        self.optimizer.load_state_dict(load_plain(path / "optimizer.pt", map_location=dev, trustable=False))
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
@@ -67,8 +68,25 @@ def build_engine(model: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig
     return DDPEngine(model, cfg, optim, ctx)
 
 
-def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The replicated weights, one file."""
+def check_ddp_files(path: Path) -> None:
+    """A DDP checkpoint's two files are there; if not, say which is missing, or that the
+    checkpoint is another backend's (a missing file of a DDP checkpoint is no layout change)."""
+    missing = [f for f in ("model.pt", "optimizer.pt") if not (path / f).is_file()]
+    if not missing:
+        return
+    meta_file = path / "meta.json"
+    backend = json.loads(meta_file.read_text()).get("backend", "") if meta_file.is_file() else ""
+    if backend == "ddp" or (path / "optimizer.pt").is_file():
+        raise FileNotFoundError(f"{path}: {' and '.join(missing)} missing from this DDP checkpoint")
+    raise FileNotFoundError(
+        f"{path}: not a DDP checkpoint (no model.pt; written by {backend or 'a sharded backend?'}); start "
+        f"a new run with checkpoint.init_from={path.parent.parent} to take its weights into parallel=ddp")
+
+
+def checkpoint_state_dict(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The replicated weights, one file of tensors (weights_only=True; ``trust`` unused)."""
+    from mmgen.checkpoint.safety import load_plain
+
     if not (ckpt / "model.pt").is_file():
         raise FileNotFoundError(f"{ckpt}: not a DDP checkpoint (no model.pt)")
-    return torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    return load_plain(ckpt / "model.pt", trustable=False)

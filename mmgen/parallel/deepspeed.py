@@ -21,9 +21,11 @@ weights as one process) and ``deepspeed.initialize`` partitions it (ZeRO-3: each
 its part of the parameters; ``deepspeed.zero.Init`` is not used).
 
 Checkpoints are DeepSpeed's own sharded files under ``<checkpoint>/deepspeed/`` (every rank
-writes its optimizer shard), inside mmgen's atomic tmp-dir + rename layout;
-:func:`checkpoint_state_dict` turns them into one plain state dict with DeepSpeed's
-``zero_to_fp32`` (``mmgen export``).
+writes its optimizer shard) with DeepSpeed's ``latest`` file naming that tag, inside mmgen's
+atomic tmp-dir + rename layout; :func:`checkpoint_state_dict` turns them into one plain state
+dict with DeepSpeed's ``zero_to_fp32`` (``mmgen export``). DeepSpeed reads its shards with
+pickle: :func:`check_shards` proves each file plain first (the trust rule of
+:mod:`mmgen.checkpoint.safety`).
 """
 from __future__ import annotations
 
@@ -136,13 +138,18 @@ class ZeroEngine(Engine):
         return {**super().versions(), "deepspeed": deepspeed.__version__}
 
     def save(self, path: Path) -> None:
-        self.model.save_checkpoint(str(path), tag=DS_TAG, client_state={}, save_latest=False)
+        # `latest` names the tag, so DeepSpeed's own tools (the zero_to_fp32.py copied next to
+        # it) read <checkpoint>/ without being told tag="deepspeed"
+        self.model.save_checkpoint(str(path), tag=DS_TAG, client_state={}, save_latest=True)
         if self.dist.is_main:
             meta = {"stage": self.stage, "world_size": self.dist.world_size,
                     "bf16": bool(self.ds_config.get("bf16", {}).get("enabled", False))}
             (Path(path) / DS_TAG / ENGINE_META).write_text(json.dumps(meta))
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, trust: bool = False, own: bool = False) -> None:
+        """DeepSpeed's loader unpickles its shards: each is proven plain first
+        (:func:`check_shards`) unless ``trust``; ``own``: this run's own checkpoint, whose
+        refused shards are loaded with a warning."""
         meta_file = Path(path) / DS_TAG / ENGINE_META
         if not meta_file.is_file():
             raise FileNotFoundError(
@@ -154,6 +161,7 @@ class ZeroEngine(Engine):
                 f"{path}: written by ZeRO-{meta['stage']} on {meta['world_size']} ranks, this run is "
                 f"ZeRO-{self.stage} on {self.dist.world_size}: DeepSpeed shards only resume on the same layout; "
                 f"use checkpoint.init_from={path} (weights only) with checkpoint.resume=none")
+        check_shards(Path(path) / DS_TAG, trust, own)
         loaded, _ = self.model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
                                                load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
@@ -262,19 +270,56 @@ def build_engine(module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfi
     return ZeroEngine(module, cfg, optim, ctx)
 
 
-def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+# -- reading DeepSpeed's pickled shards safely ------------------------------------------------------
+def shard_globals() -> list:
+    """The classes DeepSpeed 0.19's shards name besides tensors and plain values: the loss
+    scaler, the ZeRO stage enum and the fragment records of its optimizer states. Plain data
+    classes: building them runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_shards(shards: Path, trust: bool, own: bool = False) -> None:
+    """Before DeepSpeed unpickles ``shards/*.pt``: prove that each builds nothing but tensors,
+    plain values and :func:`shard_globals` (torch's restricted unpickler), unless ``trust``.
+
+    Args:
+        shards: the tag directory (``step_N/deepspeed``).
+        trust: ``checkpoint.trust`` / ``--trust``: no check.
+        own: this run wrote them into its own run directory: a refusal is only a warning.
+
+    Raises:
+        UnsafeCheckpointError: a file names anything else (one line: file, global, switch).
+    """
+    if trust:
+        return
+    from mmgen.checkpoint.safety import check_restricted
+
+    allowed = shard_globals()
+    for f in sorted(shards.glob("*.pt")):
+        check_restricted(f, allowed, what="a DeepSpeed shard", own=own)
+
+
+def checkpoint_state_dict(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """fp32 weights from a DeepSpeed checkpoint, without a process group (export): ZeRO 1-3 are
     merged from the optimizer's fp32 master shards by DeepSpeed's own zero_to_fp32; a stage-0
     checkpoint is not a ZeRO checkpoint and holds the whole module in
-    ``mp_rank_00_model_states.pt['module']``."""
+    ``mp_rank_00_model_states.pt['module']``. The shards are checked first (:func:`check_shards`)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from mmgen.checkpoint.safety import load_plain
 
     shards = ckpt / DS_TAG
     if not shards.is_dir():
         raise FileNotFoundError(f"{ckpt}: not a DeepSpeed checkpoint (no {DS_TAG}/)")
+    check_shards(shards, trust)
     if not any(shards.glob("*_optim_states.pt")):
-        states = torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = load_plain(shards / "mp_rank_00_model_states.pt", trust=trust, allow=shard_globals(),
+                            what="a DeepSpeed shard")
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     # zero_to_fp32 prints its progress (and tqdm bars) for its own CLI: keep a CLI's output ours
     chatter = io.StringIO()

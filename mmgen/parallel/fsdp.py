@@ -12,11 +12,15 @@ mmgen's AdamW over the sharded parameters, so its states are sharded too.
 
 Checkpoints go through torch.distributed.checkpoint (DCP): every rank writes its shards under
 ``step_N/fsdp/``, and a resume may use another number of ranks (DCP reshards on load).
-``mmgen export`` turns the directory into one plain state dict (``dcp_to_torch_save``).
+``mmgen export`` turns the directory into one plain state dict (DCP's own conversion). DCP
+unpickles its ``.metadata`` and non-tensor values; here both go through restricted readers
+(:func:`safe_dcp_reader`), so a planted pickle runs nothing.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import pickle
 from pathlib import Path
 
 import torch
@@ -79,17 +83,30 @@ class FSDPEngine(TorchEngine):
 
         dcp.save(self._state(), checkpoint_id=str(path / FSDP_DIR))
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, trust: bool = False, own: bool = False) -> None:
+        """DCP load through :func:`safe_dcp_reader` (no pickle unless ``trust``; ``own``:
+        this run's own checkpoint, whose refused files are unpickled with a warning)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from mmgen.checkpoint.safety import UnsafeCheckpointError, find_in_chain
 
         where = path / FSDP_DIR
         if not where.is_dir():
             raise FileNotFoundError(
                 f"{path}: not an FSDP checkpoint (no {FSDP_DIR}/); start a new run with "
                 f"checkpoint.init_from={path.parent.parent} to take its weights into parallel=fsdp2")
+        if not (where / DCP_METADATA).is_file():
+            raise FileNotFoundError(f"{path}: {FSDP_DIR}/{DCP_METADATA} is missing from this FSDP checkpoint")
         state = self._state()
-        dcp.load(state, checkpoint_id=str(where))
+        reader, planner = safe_dcp_reader(where, trust, own=own)
+        try:
+            dcp.load(state, storage_reader=reader, planner=planner)
+        except BaseException as e:  # DCP re-raises a rank's failure as CheckpointException (a BaseException)
+            refused = find_in_chain(e, UnsafeCheckpointError)
+            if refused is None:
+                raise
+            raise refused from None
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 
@@ -103,16 +120,122 @@ class FSDPEngine(TorchEngine):
             full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False))
 
 
-def checkpoint_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Plain-model weights from an FSDP checkpoint, without a process group (export)."""
-    import tempfile
+# -- DCP without pickle ---------------------------------------------------------------------------
+DCP_METADATA = ".metadata"
+# what DCP's .metadata pickle names (torch 2.13): its own record classes, torch.Size, the layout
+# helper, a path; dtypes are resolved by the RestrictedUnpickler itself
+DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    if not (ckpt / FSDP_DIR).is_dir():
+def safe_dcp_reader(where: Path, trust: bool = False, planner_base=None, own: bool = False):
+    """A DCP storage reader and load planner that unpickle nothing but plain records.
+
+    torch's FileSystemReader reads ``.metadata`` with plain ``pickle.load`` and its planners
+    read non-tensor values (optimizer hyper-parameters) with ``torch.load(weights_only=False)``;
+    here the metadata goes through :class:`~mmgen.checkpoint.safety.RestrictedUnpickler` and
+    each value is first read with ``weights_only=True`` (tensors were already read that way).
+
+    Args:
+        where: the DCP directory (``step_N/fsdp``).
+        trust: torch's own reader and planner (pickle) instead.
+        planner_base: the DCP load planner class to restrict (default: DefaultLoadPlanner).
+        own: this run's own checkpoint: what the restriction refuses is unpickled, with a
+            warning (the trust rule's second case).
+
+    Returns:
+        ``(storage_reader, planner)`` for DCP's load.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    base = planner_base or DefaultLoadPlanner
+    if trust:
+        return FileSystemReader(str(where)), base()
+    reader_cls, planner_cls = _safe_dcp_classes(base)
+    reader = reader_cls(str(where), own=own)
+    # read once here: inside dcp.load a refusal would reach us only as text in an AssertionError
+    reader.read_metadata()
+    return reader, planner_cls(where, own=own)
+
+
+@functools.cache
+def _safe_dcp_classes(planner_base):
+    """The restricted reader and planner classes (built on first use: DCP is imported late)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    from mmgen.checkpoint.safety import RestrictedUnpickler, allow_own, refusal
+
+    class SafeMetadataReader(FileSystemReader):
+        def __init__(self, path: str, own: bool = False):
+            super().__init__(path)
+            self.own = own
+
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")
+            if rank is None and getattr(self, "_metadata", None) is not None:
+                return self._metadata  # read (and checked) once, by safe_dcp_reader
+            path = Path(str(self.path)) / (DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}")
+            with open(path, "rb") as f:
+                try:
+                    metadata = RestrictedUnpickler(f, DCP_METADATA_GLOBALS).load()
+                except pickle.UnpicklingError as e:
+                    allow_own(refusal(path, e, "DCP metadata"), self.own)
+                    f.seek(0)
+                    metadata = pickle.load(f)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            if rank is None:
+                self._metadata = metadata
+            return metadata
+
+    class CheckedPlanner(planner_base):
+        def __init__(self, where: Path, *args, own: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.where, self.own = where, own
+
+        def load_bytes(self, read_item, value):
+            try:
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                allow_own(refusal(f"{self.where} (value {read_item.dest_index.fqn})", e), self.own)
+            value.seek(0)
+            super().load_bytes(read_item, value)  # the same bytes: nothing beyond plain values
+
+    return SafeMetadataReader, CheckedPlanner
+
+
+def checkpoint_state_dict(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Plain-model weights from an FSDP checkpoint, without a process group (export): DCP's
+    own conversion (what ``dcp_to_torch_save`` does, kept in memory) through
+    :func:`safe_dcp_reader`: nothing is unpickled unless ``trust``."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    where = ckpt / FSDP_DIR
+    if not where.is_dir():
         raise FileNotFoundError(f"{ckpt}: not an FSDP checkpoint (no {FSDP_DIR}/)")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(ckpt / FSDP_DIR), str(out))
-        state = torch.load(out, map_location="cpu", weights_only=False)
+    if not (where / DCP_METADATA).is_file():
+        raise FileNotFoundError(f"{ckpt}: {FSDP_DIR}/{DCP_METADATA} is missing from this FSDP checkpoint")
+    from mmgen.checkpoint.safety import UnsafeCheckpointError, find_in_chain
+
+    reader, planner = safe_dcp_reader(where, trust, _EmptyStateDictLoadPlanner)
+    state: dict = {}
+    try:
+        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
+    except BaseException as e:
+        refused = find_in_chain(e, UnsafeCheckpointError)
+        if refused is None:
+            raise
+        raise refused from None
     return state["model"]

@@ -7,7 +7,8 @@
 
 and one for export without a process group:
 
-* ``checkpoint_state_dict(ckpt) -> dict``: the plain-model weights of a checkpoint it wrote.
+* ``checkpoint_state_dict(ckpt, trust=False) -> dict``: the plain-model weights of a checkpoint
+  it wrote, unpickling nothing unless ``trust`` (mmgen.checkpoint.safety).
 
 Modules are imported only when chosen, so ``import mmgen.parallel`` never imports deepspeed.
 Adding a backend is one entry here plus its module.

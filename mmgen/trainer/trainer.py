@@ -97,7 +97,7 @@ class Trainer:
             if job.checkpoint.init_from:
                 from mmgen.checkpoint.export import load_model_weights
 
-                load_model_weights(module, job.checkpoint.init_from)
+                load_model_weights(module, job.checkpoint.init_from, trust=job.checkpoint.trust)
 
         ctx = EngineContext(self.dist, self.dims, precision=job.trainer.precision,
                             micro_batch_size=job.data.batch_size, grad_accum=job.trainer.grad_accum)
@@ -148,7 +148,8 @@ class Trainer:
         if path is None:
             return
         train_state, rank_state = self.ckpt.load(path, self.engine)
-        self.state = train_state["state"]
+        saved = train_state["state"]  # a plain dict (the checkpoint holds no pickled objects)
+        self.state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState) if f.name in saved})
         self.scheduler.load_state_dict(train_state["scheduler"])
         self.resume_data(path, rank_state.get("data"))
         log.info("resumed from %s at step %d", path, self.state.step)
@@ -338,7 +339,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if not self.job.checkpoint.enabled:
             return
-        train_state = {"state": self.state, "scheduler": self.scheduler.state_dict()}
+        # plain values only: the checkpoint loads with weights_only=True (no pickled TrainState)
+        train_state = {"state": dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
         rank_state = {"data": self.loader.state_dict()}
         path = self.ckpt.save(self.state.step, self.engine, train_state, rank_state)
         log.info("checkpoint %s", path)
