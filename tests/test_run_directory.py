@@ -136,6 +136,42 @@ def test_a_stale_lock_on_this_host_is_taken_over(shapes_dir, tmp_path, how):
     assert not (run / ".lock").exists()
 
 
+def _contend(run: str, start, results, hold) -> None:
+    from mmgen.trainer.lock import RunDirLocked, RunLock
+
+    start.wait()
+    try:
+        lock, notes = RunLock.acquire(Path(run))
+    except RunDirLocked as e:
+        results.put(("refused", str(e)))
+        return
+    results.put(("won", notes))
+    hold.wait(60)
+    lock.release()
+
+
+def test_of_several_starters_that_find_one_stale_lock_exactly_one_wins(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    write_lock(tmp_path, pid=gone.pid)
+    start, hold, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_contend, args=(str(tmp_path), start, results, hold)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    hold.set()
+    for p in procs:
+        p.join(30)
+    won = [o for o in outcomes if o[0] == "won"]
+    assert len(won) == 1, outcomes  # the winner took the stale lock over, or the name it freed meanwhile
+    assert all("in use by a training on this host" in o[1] for o in outcomes if o[0] == "refused"), outcomes
+    assert not (tmp_path / ".lock").exists() and not list(tmp_path.glob(".lock*"))
+
+
 def test_a_requeued_slurm_job_takes_over_its_own_lock_and_another_owner_is_honoured(shapes_dir, tmp_path,
                                                                                      monkeypatch):
     """A lock from another node cannot be checked: honoured (one line naming the owner and the

@@ -64,6 +64,8 @@ class Owner:
     @classmethod
     def from_json(cls, text: str) -> "Owner":
         raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("not a lock record")
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

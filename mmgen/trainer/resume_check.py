@@ -123,7 +123,7 @@ def started_over_by(run_dir: Path, me: Owner) -> tuple[str | None, dict]:
     for done in sorted(run_dir.glob("previous-*/moved.json")):
         try:
             record = json.loads(done.read_text())
-            by = Owner(**{k: v for k, v in record["by"].items() if k in Owner.__dataclass_fields__})
+            by = Owner.from_json(json.dumps(record["by"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         why = earlier_incarnation(by, me)
