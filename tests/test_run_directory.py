@@ -296,7 +296,7 @@ def test_resuming_with_another_architecture_is_one_line_and_overwrites_nothing(r
         assert change in r.stderr, r.stderr
     assert "trainer.steps" not in r.stderr  # a schedule change is no reason to refuse
     assert snapshot(run_copy) == before
-    job, model, ckpt = _load_run(str(run_copy))
+    job, _, ckpt = _load_run(str(run_copy))
     assert job.model.dim == 64 and ckpt.name == "step_0000004"
 
 

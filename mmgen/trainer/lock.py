@@ -62,7 +62,7 @@ class Owner:
     token: str = ""               # tells this lock from a later one at release
 
     @classmethod
-    def from_json(cls, text: str) -> "Owner":
+    def from_json(cls, text: str) -> Owner:
         raw = json.loads(text)
         if not isinstance(raw, dict):
             raise ValueError("not a lock record")
@@ -159,7 +159,7 @@ class RunLock:
         self.path, self.owner = path, owner
 
     @classmethod
-    def acquire(cls, run_dir: Path, force: bool = False) -> tuple["RunLock", list[str]]:
+    def acquire(cls, run_dir: Path, force: bool = False) -> tuple[RunLock, list[str]]:
         """Take ``run_dir/.lock``; return the lock and the lines to log (a take-over).
 
         Args:

@@ -239,6 +239,6 @@ def compare_with_saved(job, source: Path) -> list[str]:
                           f"({saved}): {listed}; keep those values to continue, or start a new run (another name=, "
                           f"or checkpoint.start_over=true)")
     if changes["settings"]:
-        return [f"resuming {source.name} with settings other than it was trained with ({saved}): "
-                f"{', '.join(changes['settings'])}"]
+        listed = ", ".join(changes["settings"])
+        return [f"resuming {source.name} with settings other than it was trained with ({saved}): {listed}"]
     return []
