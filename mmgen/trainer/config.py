@@ -33,6 +33,10 @@ class TrainerConfig:
         record_keys: write every consumed sample key to ``runs/<name>/data_keys/rank_N.jsonl``
             (one line per micro-batch: step, stream, worker, [source, epoch, key] per
             document): an audit trail of what each rank trained on.
+        force_unlock: take over the run directory's lock (``runs/<name>/.lock``) although its
+            owner, on another machine, cannot be checked: for a lock left by a node that crashed
+            outside Slurm (a requeued Slurm job takes over its own lock by itself). Never
+            overrides an owner that runs on this machine. For one launch, not for a job script.
     """
 
     steps: int = 1000
@@ -53,6 +57,7 @@ class TrainerConfig:
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     deterministic: bool = False
     record_keys: bool = False
+    force_unlock: bool = False
 
     def validate(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:
