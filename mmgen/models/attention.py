@@ -136,6 +136,9 @@ def build_mask(batch: MultimodalBatch, backend: str) -> AttentionMask:
     return build_dense_mask(layout)
 
 
+FLEX_GQA_MIN_LENGTH = 128
+
+
 @functools.cache
 def _compiled_flex() -> Callable:
     # uncompiled flex materialises the full score matrix and is many times slower on GPU
@@ -147,6 +150,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     ``H_kv < H``). Dispatches on the mask type: BlockMask -> FlexAttention, bool -> SDPA."""
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, BlockMask):
+        if gqa and q.device.type == "cuda" and k.shape[-2] < FLEX_GQA_MIN_LENGTH:
+            # compiled flex finds no GQA kernel below one 128-block (torch 2.11, measured on the
+            # H200: NoValidChoicesError at length 96); short sequences (sampler prompts) are
+            # cheap, so give every query head its own copy of its key/value head instead
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+            gqa = False
         # inside a compiled region dynamo fuses flex itself; a nested compile would only warn
         eager = q.device.type != "cuda" or torch.compiler.is_compiling()
         fn = flex_attention if eager else _compiled_flex()
