@@ -191,7 +191,7 @@ def _like_for_like(a: argparse.Namespace, run_dir: str) -> dict:
     from mmgen.cli.preflight import compose_job
     from mmgen.metrics.logger import detect_peak_tflops
     from mmgen.models import num_params
-    from mmgen.models.tokenizers.text import build_tokenizer
+    from mmgen.models.tokenizers import build_tokenizer
     from mmgen.parallel.dist import init_distributed
 
     job = compose_job([*(TINY if a.tiny else GPU), f"trainer.device={a.device}", "trainer.precision=bf16",

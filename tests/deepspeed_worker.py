@@ -76,7 +76,7 @@ class Cases:
 
     def val_batch(self, job):
         from mmgen.data import build_dataloader
-        from mmgen.models.tokenizers.text import build_tokenizer
+        from mmgen.models.tokenizers import build_tokenizer
 
         # the same batch on every rank (the val split may hold a single shard)
         loader = build_dataloader(job.data, build_tokenizer(job.data.tokenizer), 0, 1, split="val")

@@ -45,7 +45,7 @@ def cmd_sample(a) -> None:
     import torch
     from mmgen.data.patches import to_uint8, to_unit
     from mmgen.evaluation.shapes import save_grid
-    from mmgen.models.tokenizers.text import build_tokenizer
+    from mmgen.models.tokenizers import build_tokenizer
     from mmgen.sampling import CAPTION, IMAGE, get_sampler, sampler_reading
     from mmgen.trainer.hooks import build_sample_context, objective_samplers
 
@@ -84,7 +84,7 @@ def _open_image(path: str):
 def cmd_eval(a) -> None:
     """Evaluation ``a.eval_command`` of the registry (mmgen.evaluation.EVALUATIONS) on the run's
     held-out data, with the objective's samplers: what ``trainer.eval_at_end`` runs."""
-    from mmgen.models.tokenizers.text import build_tokenizer
+    from mmgen.models.tokenizers import build_tokenizer
     from mmgen.trainer.hooks import build_eval_config, build_held_out, build_sample_context, evaluate
 
     job, model, _ = _load_run(a.run, a.set)

@@ -19,7 +19,7 @@ from mmgen.data.streams import stream_index
 from mmgen.metrics.flops import training_flops
 from mmgen.metrics.logger import MetricsLogger, detect_peak_tflops
 from mmgen.models import build_model, num_params
-from mmgen.models.tokenizers.text import build_tokenizer
+from mmgen.models.tokenizers import build_tokenizer
 from mmgen.objectives import build_objective, weighted_total
 from mmgen.optim import build_scheduler
 from mmgen.parallel import EngineContext, ParallelDims, build_engine

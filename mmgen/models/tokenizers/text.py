@@ -43,10 +43,3 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         out = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return out.decode("utf-8", errors="replace")
-
-
-def build_tokenizer(name: str = "bytes"):
-    """``mmgen.models.tokenizers.build_tokenizer`` under the import path the trainer and the
-    CLI use (the registry lives in the package)."""
-    from mmgen.models.tokenizers import build_tokenizer as build
-    return build(name)
