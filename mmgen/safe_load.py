@@ -1,4 +1,4 @@
-# Loading checkpoint files without running code: torch's weights_only unpickler, pickle only when trusted.
+# Loading checkpoint files without running code (used by the backends and the checkpoint manager).
 """The trust rule (docs/checkpoints.md, "What loading may run"):
 
 * mmgen's own files (``train_state.pt``, ``rank_*.pt``, DDP's ``model.pt``/``optimizer.pt``)

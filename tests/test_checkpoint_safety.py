@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmgen.checkpoint.safety import CheckpointError
+from mmgen.safe_load import CheckpointError
 from tests.conftest import BIN, data_overrides, run_cli
 from tests.test_trainer import TINY, make_trainer
 
@@ -203,7 +203,7 @@ def test_a_v1_checkpoint_is_refused_in_one_line_and_resumes_with_trust(shapes_di
 def test_own_run_rule_turns_a_refusal_into_a_warning(tmp_path, caplog):
     """The trust rule's second case, on the checker itself: a file this run wrote into its own
     directory is let through with a warning naming it; from anywhere else it is refused."""
-    from mmgen.checkpoint.safety import UnsafeCheckpointError, check_restricted
+    from mmgen.safe_load import UnsafeCheckpointError, check_restricted
 
     marker = tmp_path / "marker"
     plant(tmp_path / "shard.pt", marker)

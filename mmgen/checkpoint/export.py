@@ -9,7 +9,7 @@ import torch
 
 from mmgen.checkpoint.integrity import read_meta, verify_share
 from mmgen.checkpoint.manager import complete_checkpoints
-from mmgen.checkpoint.safety import CheckpointError
+from mmgen.safe_load import CheckpointError
 from mmgen.errors import ConfigError
 
 

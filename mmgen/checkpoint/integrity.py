@@ -114,7 +114,7 @@ _IO_WORDS = ("iostream", "unexpected pos", "file write failed", "pytorchstreamwr
 def io_cause(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc`` (itself, a cause or context, or one of DCP's per-rank
     failures), if any."""
-    from mmgen.checkpoint.safety import find_in_chain
+    from mmgen.safe_load import find_in_chain
 
     return find_in_chain(exc, OSError)
 

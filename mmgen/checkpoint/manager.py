@@ -11,7 +11,7 @@
 
 mmgen's own files hold tensors and plain values only (dicts, lists, numbers, strings) and
 are read with ``torch.load(weights_only=True)``; the trust rule for formats that need pickle
-is in :mod:`mmgen.checkpoint.safety` and docs/checkpoints.md.
+is in :mod:`mmgen.safe_load` and docs/checkpoints.md.
 
 Everything is written into ``step_0000100.tmp``; once every rank's files are on disk and
 hashed, rank 0 writes meta.json and renames the directory. A directory without the ``.tmp``
@@ -42,7 +42,7 @@ import torch
 from mmgen.checkpoint.config import CheckpointConfig
 from mmgen.checkpoint.integrity import (checksum_share, describe_write_error, is_io_error, read_meta,
                                         set_aside_name, verify_share)
-from mmgen.checkpoint.safety import TRUST_SWITCH, CheckpointError, UnsafeCheckpointError, load_plain
+from mmgen.safe_load import TRUST_SWITCH, CheckpointError, UnsafeCheckpointError, load_plain
 from mmgen.parallel.dist import barrier
 
 log = logging.getLogger(__name__)

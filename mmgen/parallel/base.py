@@ -152,7 +152,7 @@ class Engine(ABC):
     def load(self, path: Path, trust: bool = False, own: bool = False) -> None:
         """Restore what :meth:`save` wrote (called on every rank). Files that need pickle
         are unpickled only with ``trust`` (``checkpoint.trust``) or, with a warning, ``own``
-        (this run wrote them into its own run directory): mmgen.checkpoint.safety."""
+        (this run wrote them into its own run directory): mmgen.safe_load."""
 
     @abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ class DDPEngine(TorchEngine):
     def load(self, path: Path, trust: bool = False, own: bool = False) -> None:
         """Both files hold tensors and plain values: always read with weights_only=True
         (``trust`` and ``own`` are not needed)."""
-        from mmgen.checkpoint.safety import load_plain
+        from mmgen.safe_load import load_plain
 
         dev = self.dist.device
         check_ddp_files(path)
@@ -85,7 +85,7 @@ def check_ddp_files(path: Path) -> None:
 
 def checkpoint_state_dict(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     """The replicated weights, one file of tensors (weights_only=True; ``trust`` unused)."""
-    from mmgen.checkpoint.safety import load_plain
+    from mmgen.safe_load import load_plain
 
     if not (ckpt / "model.pt").is_file():
         raise FileNotFoundError(f"{ckpt}: not a DDP checkpoint (no model.pt)")

@@ -25,7 +25,7 @@ writes its optimizer shard) with DeepSpeed's ``latest`` file naming that tag, in
 atomic tmp-dir + rename layout; :func:`checkpoint_state_dict` turns them into one plain state
 dict with DeepSpeed's ``zero_to_fp32`` (``mmgen export``). DeepSpeed reads its shards with
 pickle: :func:`check_shards` proves each file plain first (the trust rule of
-:mod:`mmgen.checkpoint.safety`).
+:mod:`mmgen.safe_load`).
 """
 from __future__ import annotations
 
@@ -296,7 +296,7 @@ def check_shards(shards: Path, trust: bool, own: bool = False) -> None:
     """
     if trust:
         return
-    from mmgen.checkpoint.safety import check_restricted
+    from mmgen.safe_load import check_restricted
 
     allowed = shard_globals()
     for f in sorted(shards.glob("*.pt")):
@@ -311,7 +311,7 @@ def checkpoint_state_dict(ckpt: Path, trust: bool = False) -> dict[str, torch.Te
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mmgen.checkpoint.safety import load_plain
+    from mmgen.safe_load import load_plain
 
     shards = ckpt / DS_TAG
     if not shards.is_dir():

@@ -89,7 +89,7 @@ class FSDPEngine(TorchEngine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        from mmgen.checkpoint.safety import UnsafeCheckpointError, find_in_chain
+        from mmgen.safe_load import UnsafeCheckpointError, find_in_chain
 
         where = path / FSDP_DIR
         if not where.is_dir():
@@ -141,7 +141,7 @@ def safe_dcp_reader(where: Path, trust: bool = False, planner_base=None, own: bo
 
     torch's FileSystemReader reads ``.metadata`` with plain ``pickle.load`` and its planners
     read non-tensor values (optimizer hyper-parameters) with ``torch.load(weights_only=False)``;
-    here the metadata goes through :class:`~mmgen.checkpoint.safety.RestrictedUnpickler` and
+    here the metadata goes through :class:`~mmgen.safe_load.RestrictedUnpickler` and
     each value is first read with ``weights_only=True`` (tensors were already read that way).
 
     Args:
@@ -173,7 +173,7 @@ def _safe_dcp_classes(planner_base):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    from mmgen.checkpoint.safety import RestrictedUnpickler, allow_own, refusal
+    from mmgen.safe_load import RestrictedUnpickler, allow_own, refusal
 
     class SafeMetadataReader(FileSystemReader):
         def __init__(self, path: str, own: bool = False):
@@ -227,7 +227,7 @@ def checkpoint_state_dict(ckpt: Path, trust: bool = False) -> dict[str, torch.Te
         raise FileNotFoundError(f"{ckpt}: not an FSDP checkpoint (no {FSDP_DIR}/)")
     if not (where / DCP_METADATA).is_file():
         raise FileNotFoundError(f"{ckpt}: {FSDP_DIR}/{DCP_METADATA} is missing from this FSDP checkpoint")
-    from mmgen.checkpoint.safety import UnsafeCheckpointError, find_in_chain
+    from mmgen.safe_load import UnsafeCheckpointError, find_in_chain
 
     reader, planner = safe_dcp_reader(where, trust, _EmptyStateDictLoadPlanner)
     state: dict = {}

@@ -8,7 +8,7 @@
 and one for export without a process group:
 
 * ``checkpoint_state_dict(ckpt, trust=False) -> dict``: the plain-model weights of a checkpoint
-  it wrote, unpickling nothing unless ``trust`` (mmgen.checkpoint.safety).
+  it wrote, unpickling nothing unless ``trust`` (mmgen.safe_load).
 
 Modules are imported only when chosen, so ``import mmgen.parallel`` never imports deepspeed.
 Adding a backend is one entry here plus its module.
