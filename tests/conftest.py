@@ -1,6 +1,7 @@
 # Shared fixtures: small shapes shards made on the fly, and helpers to run the CLI.
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,3 +36,14 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 def data_overrides(shapes_dir: Path) -> list[str]:
     return [f"data.train_shards={shapes_dir}/train", f"data.val_shards={shapes_dir}/val"]
+
+
+def logged_records(run: Path) -> list[dict]:
+    """The complete records of a live run's metrics.jsonl: a reader polling while the trainer
+    writes can see a record's first bytes before the rest, so a last line without its newline
+    is not read yet."""
+    f = run / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    text = f.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -15,16 +14,13 @@ import pytest
 import torch
 
 from mmgen.trainer import REQUEUE_EXIT_CODE
-from tests.conftest import BIN, data_overrides
+from tests.conftest import BIN, data_overrides, logged_records
 from tests.test_trainer import TINY, losses, make_trainer
 
 
 def steps_logged(run: Path) -> int:
-    f = run / "metrics.jsonl"
-    if not f.is_file():
-        return 0
-    lines = f.read_text().splitlines()
-    return json.loads(lines[-1])["step"] if lines else 0
+    recs = logged_records(run)
+    return recs[-1]["step"] if recs else 0
 
 
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mmgen.launch import REQUEUE_EXIT_CODE
-from tests.conftest import BIN, data_overrides
+from tests.conftest import BIN, data_overrides, logged_records
 
 TINY = ["experiment=smoke", "data.seq_len=128", "data.batch_size=4", "trainer.log_every=1",
         "metrics.progress=false", "optim.warmup_steps=2", "trainer.num_threads=1", "data.num_workers=0"]
@@ -60,8 +60,7 @@ def node_args(rank: int, port: int) -> list[str]:
 
 
 def metric_steps(run: Path) -> list[int]:
-    f = run / "metrics.jsonl"
-    return [json.loads(l)["step"] for l in f.read_text().splitlines()] if f.is_file() else []
+    return [r["step"] for r in logged_records(run)]
 
 
 def test_two_node_agents_train_are_preempted_resume_and_a_missing_node_times_out(shapes_dir, tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, ROOT, data_overrides, run_cli
+from tests.conftest import BIN, ROOT, data_overrides, run_cli, logged_records
 
 TINY = ["experiment=smoke", "data.seq_len=128", "data.batch_size=4", "trainer.log_every=1",
         "metrics.progress=false", "optim.warmup_steps=2", "trainer.num_threads=1", "data.num_workers=0"]
@@ -110,8 +110,7 @@ def submit(tmp_path: Path, args: list[str]) -> str:
 
 
 def steps(run: Path) -> list[int]:
-    f = run / "metrics.jsonl"
-    return [json.loads(l)["step"] for l in f.read_text().splitlines()] if f.is_file() else []
+    return [r["step"] for r in logged_records(run)]
 
 
 def test_two_process_job_trains_and_records_its_launch(slurm, shapes_dir, tmp_path):

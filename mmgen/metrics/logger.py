@@ -131,7 +131,10 @@ class MetricsLogger:
         self.tensorboard = _NullTensorBoard()
         if not is_main:
             return
-        self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        # unbuffered binary append: each record reaches the file in one write() call, so a
+        # record is never split across two writes (readers polling a live run still skip a
+        # last line that has no newline yet)
+        self._file = open(self.run_dir / "metrics.jsonl", "ab", buffering=0)
         self.wandb = _init_wandb(cfg, self.run_dir, name, config or {}, tags or [])
         self.tensorboard = _init_tensorboard(cfg, self.run_dir)
         if cfg.progress:
@@ -150,7 +153,7 @@ class MetricsLogger:
         clean = {k: (float(v) if isinstance(v, (int, float)) or torch.is_tensor(v) else v)
                  for k, v in values.items()}
         record = {"step": step, "time": round(time.time(), 3), **clean}
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.write((json.dumps(record, allow_nan=True) + "\n").encode())
         self.wandb.log(clean, step=step)
         self.tensorboard.log(clean, step=step)
         if self._bar is not None:
