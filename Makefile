@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q wheel "setuptools>=64"
 	@# deepspeed ships only an sdist; building it needs torch, hence no build isolation
-	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,hf,remote]'
 	touch $@
 
 install: $(VENV)/.installed
