@@ -32,6 +32,10 @@ def check_registered(cfg: ModelConfig) -> ModelConfig:
     (``BLOCKS``, ``HEADS``); called by the job's validation and by :func:`build_model`."""
     if cfg.block not in BLOCKS:
         raise ValueError(f"model.block='{cfg.block}' not in {tuple(BLOCKS)}")
+    towers = getattr(BLOCKS[cfg.block], "uses_towers", False)
+    if towers != (cfg.tower_split != "none"):
+        raise ValueError(f"model.block={cfg.block} with model.tower_split={cfg.tower_split}: a "
+                         "tower block (mot) needs tower_split=role|modality, other blocks none")
     unknown = [h for h in cfg.heads if h not in HEADS]
     if unknown or not cfg.heads or len(set(cfg.heads)) != len(cfg.heads):
         raise ValueError(f"model.heads={list(cfg.heads)} must be distinct names from "

@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 VISUAL_POS = ("learned", "none")
+# modality towers (block "mot"): which tower each position uses, from the batch's span table
+TOWER_SPLITS = ("none", "role", "modality")
+TOWER_INITS = ("independent", "copy")
 
 
 @dataclass
@@ -30,6 +33,14 @@ class ModelConfig:
             training job derives it from the objective (each objective names the heads it
             trains, ``Objective.heads``), so no parameter goes without a gradient; the default
             here is Transfusion's pair.
+        tower_split: modality towers (``mmgen/models/mot.py``): "none" (dense); "role" (BAGEL:
+            tower 0 = understanding = text and condition spans, tower 1 = generation = target
+            spans); "modality" (tower 0 = text, tower 1 = visual). Needs a tower block
+            (``block=mot``), and a tower block needs it.
+        tower_init: "independent" (each tower drawn from the RNG) or "copy" (every tower starts
+            as a copy of tower 0, the text tower).
+        freeze_text_tower: tower 0's parameters of every block get ``requires_grad=False``
+            (LMFusion: the language model's weights stay as they are); the optimizer skips them.
     """
 
     name: str = "debug"
@@ -51,6 +62,9 @@ class ModelConfig:
     timestep_dim: int = 256
     block: str = "dense"
     heads: list[str] = field(default_factory=lambda: ["lm", "flow"])
+    tower_split: str = "none"
+    tower_init: str = "independent"
+    freeze_text_tower: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -81,4 +95,11 @@ class ModelConfig:
             raise ValueError(f"model.attention='{self.attention}' not in {ATTENTION_BACKENDS}")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("model.rope_theta, norm_eps and init_std must be positive")
+        if self.tower_split not in TOWER_SPLITS:
+            raise ValueError(f"model.tower_split='{self.tower_split}' not in {TOWER_SPLITS}")
+        if self.tower_init not in TOWER_INITS:
+            raise ValueError(f"model.tower_init='{self.tower_init}' not in {TOWER_INITS}")
+        if self.freeze_text_tower and self.tower_split == "none":
+            raise ValueError("model.freeze_text_tower=true needs modality towers "
+                             "(model.tower_split=role|modality, model.block=mot)")
         return self

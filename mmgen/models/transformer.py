@@ -37,6 +37,7 @@ from mmgen.models.embedders import EMBEDDERS, embedder_names
 from mmgen.models.heads import HEADS, head_names
 from mmgen.models.kv_cache import KVCache, last_positions
 from mmgen.models.layers import RMSNorm, rope_cos_sin
+from mmgen.models.mot import TowerRouting, tower_ids
 from mmgen.models.trunk import build_blocks, run_trunk
 
 
@@ -105,11 +106,19 @@ class UnifiedTransformer(nn.Module):
         return x
 
     def trunk(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-              mask: AttentionMask, cache: KVCache | None = None
+              mask: AttentionMask, cache: KVCache | None = None,
+              routing: TowerRouting | None = None
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Blocks + final norm: hidden states ``[B, L, dim]`` and auxiliary losses by name
         (see ``mmgen.models.trunk.run_trunk``)."""
-        return run_trunk(self.layers, self.norm, x, rope, mask, cache)
+        return run_trunk(self.layers, self.norm, x, rope, mask, cache, routing)
+
+    def route(self, batch: MultimodalBatch) -> TowerRouting | None:
+        """The tower of every position of ``batch`` (``model.tower_split``, from its span
+        table; ``mmgen/models/mot.py``), or None for a model without towers."""
+        if self.cfg.tower_split == "none":
+            return None
+        return TowerRouting.from_ids(tower_ids(batch, self.cfg.tower_split))
 
     def run_head(self, name: str, h: torch.Tensor) -> torch.Tensor:
         """Head ``name`` on hidden states ``h`` (``[..., dim]``)."""
@@ -151,7 +160,7 @@ class UnifiedTransformer(nn.Module):
             trunk's auxiliary losses by name (empty for dense blocks).
         """
         x, rope, mask = self._inputs(batch, visual_in, span_t, mask)
-        h, aux = self.trunk(x, rope, mask)
+        h, aux = self.trunk(x, rope, mask, routing=self.route(batch))
         if heads is None:
             heads = {name: HEADS[name].default_positions(batch) for name in self.head_names}
         # each head only where it is asked for: the vocabulary head at ~12% of positions
@@ -183,7 +192,7 @@ class UnifiedTransformer(nn.Module):
         x, rope, mask = self._inputs(batch, visual_in, span_t, mask)
         cache = KVCache.for_prefix(len(self.layers), batch.document_ids, batch.positions,
                                    max_new_tokens, hidden=mask_layout(batch).hidden)
-        h, _ = self.trunk(x, rope, mask, cache)
+        h, _ = self.trunk(x, rope, mask, cache, self.route(batch))
         cache.prefilled(batch.shape[1])
         last = last_positions(batch.document_ids)
         return self.run_head("lm", h[torch.arange(h.shape[0], device=h.device), last]), cache
@@ -194,7 +203,8 @@ class UnifiedTransformer(nn.Module):
 
         Each new token attends to its row's valid cached slots and, causally, to the new
         tokens before it: the same as :meth:`forward` on the whole sequence. Text only (no
-        visual positions). Attention is SDPA with a boolean mask on every device.
+        visual positions), so with modality towers every new token uses the text tower.
+        Attention is SDPA with a boolean mask on every device.
         """
         single = tokens.dim() == 1
         if single:
@@ -204,7 +214,8 @@ class UnifiedTransformer(nn.Module):
         rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         mask = cache.decode_mask(n)
         x = self.tok_embeddings(tokens)     # text positions: no patch or visual position code
-        h, _ = self.trunk(x, rope, mask, cache)
+        routing = None if self.cfg.tower_split == "none" else TowerRouting.text(tokens.shape, tokens.device)
+        h, _ = self.trunk(x, rope, mask, cache, routing)
         cache.advance(n)
         logits = self.run_head("lm", h)
         return logits[:, 0] if single else logits

@@ -9,7 +9,10 @@ model's ``norm``, so backends wrap each block from outside (activation checkpoin
 compile) and state-dict keys stay ``layers.<i>.*`` / ``norm.weight``.
 
 Block protocol: ``block(x, rope, mask[, kv]) -> x``, or ``-> (x, aux)`` for a block with
-auxiliary losses (an MoE block's balance or z-loss, one scalar per micro-batch). The trunk sums
+auxiliary losses (an MoE block's balance or z-loss, one scalar per micro-batch). A block class
+with ``uses_towers = True`` (modality towers, ``mmgen/models/mot.py``) is called
+``block(x, rope, mask, kv, routing)`` with the per-position tower routing the model derived
+from the span table (``kv`` None in training); other blocks never see it. The trunk sums
 each named aux loss over the blocks that return it; a dense block returns ``x`` alone, so its
 forward (and what checkpoint wrappers and compile see) stays a plain tensor function.
 """
@@ -22,6 +25,7 @@ from mmgen.models.attention import AttentionMask
 from mmgen.models.config import ModelConfig
 from mmgen.models.kv_cache import KVCache, LayerKV
 from mmgen.models.layers import Attention, RMSNorm, SwiGLU
+from mmgen.models.mot import MoTBlock, TowerRouting
 
 
 class TransformerBlock(nn.Module):
@@ -49,6 +53,7 @@ class TransformerBlock(nn.Module):
 # `model.block=<name>`: an MoE or modality-tower block registers here, with the same protocol
 BLOCKS: dict[str, type[nn.Module]] = {
     "dense": TransformerBlock,
+    "mot": MoTBlock,
 }
 
 
@@ -59,7 +64,8 @@ def build_blocks(cfg: ModelConfig) -> nn.ModuleList:
 
 def run_trunk(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor,
               rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-              cache: KVCache | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              cache: KVCache | None = None, routing: TowerRouting | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Blocks then final norm.
 
     Args:
@@ -68,6 +74,7 @@ def run_trunk(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor,
         rope: cos/sin tables at the inputs' positions (``layers.rope_cos_sin``).
         mask: attention mask (with ``cache``: one column per cached slot).
         cache: incremental decoding only: each block appends its keys/values to its layer.
+        routing: the tower of every position (``model.tower_split`` set), for tower blocks.
 
     Returns:
         ``[B, L, dim]`` normalised hidden states, and auxiliary losses by name (empty for
@@ -75,8 +82,12 @@ def run_trunk(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor,
     """
     aux: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
-        # the cache argument only when there is one: training calls stay layer(x, rope, mask)
-        out = layer(x, rope, mask) if cache is None else layer(x, rope, mask, cache.layer(i))
+        kv = None if cache is None else cache.layer(i)
+        if routing is not None and getattr(layer, "uses_towers", False):
+            out = layer(x, rope, mask, kv, routing)
+        else:
+            # the cache argument only when there is one: training calls stay layer(x, rope, mask)
+            out = layer(x, rope, mask) if kv is None else layer(x, rope, mask, kv)
         if isinstance(out, tuple):
             x, block_aux = out
             for name, value in block_aux.items():
