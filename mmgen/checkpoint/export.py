@@ -9,6 +9,7 @@ import torch
 
 from mmgen.checkpoint.integrity import read_meta, verify_share
 from mmgen.checkpoint.manager import complete_checkpoints
+from mmgen.models.mot import expand_dense_state
 from mmgen.safe_load import CheckpointError
 from mmgen.errors import ConfigError
 
@@ -163,4 +164,6 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, trust: bool = F
     else:
         state = consolidated_state_dict(find_checkpoint(p), trust=trust)
     device = next(model.parameters()).device
+    # a dense checkpoint into a modality-tower model: its block weights start every tower
+    state = expand_dense_state(state, model.state_dict().keys())
     model.load_state_dict({k: v.to(device) for k, v in state.items()})

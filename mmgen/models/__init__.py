@@ -24,6 +24,12 @@ FLAVORS: dict[str, ModelConfig] = {
     # sets model.qk_norm=false)
     "1b": ModelConfig(name="1b", dim=2048, n_layers=22, n_heads=16, n_kv_heads=16,
                       ffn_dim=5632, vocab_size=32000),
+    # modality towers (mmgen/models/mot.py), BAGEL's split: understanding vs generation tokens.
+    # The debug shape with two towers per block (trains on a CPU in seconds)
+    "mot_debug": ModelConfig(name="mot_debug", block="mot", tower_split="role"),
+    # the 1b shape with two towers: ~1.2B active parameters per position, ~2.3B in all
+    "mot_1b": ModelConfig(name="mot_1b", dim=2048, n_layers=22, n_heads=16, n_kv_heads=16,
+                          ffn_dim=5632, vocab_size=32000, block="mot", tower_split="role"),
 }
 
 

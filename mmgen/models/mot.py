@@ -109,7 +109,9 @@ class TowerRouting:
 
     def scatter(self, rows: torch.Tensor) -> torch.Tensor:
         """``[B * L, *f]`` rows in tower order -> ``[B, L, *f]``."""
-        return rows.index_select(0, self.inverse).view(*self.towers.shape, *rows.shape[1:])
+        # indexing with a [B, L] index makes a fresh tensor, not a view of one (FSDP2 warns
+        # that an in-place op on a block's view output would skip its pre-backward hook)
+        return rows[self.inverse.view(self.towers.shape)]
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rows in tower order -> one contiguous block per tower (an empty one included, so
