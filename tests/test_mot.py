@@ -248,3 +248,55 @@ def test_fsdp2_two_processes_with_checkpointing_and_frozen_text_tower(shapes_dir
     got = losses(tmp_path / "runs" / "fsdp_mot")
     assert sorted(got) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v["loss/total"])) for v in got.values())
     assert "returned a view tensor" not in r.stderr
+
+
+class _ScaledFFN(torch.nn.Module):
+    """An FFN with an aux loss (the shape of an MoE FFN's contract: [1, n, dim] -> (y, aux))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.proj = torch.nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        assert x.dim() == 3 and x.shape[0] == 1
+        y = self.proj(x)
+        return y, {"ffn_square": y.square().sum()}
+
+    def init_weights(self, std, out_std):
+        torch.nn.init.normal_(self.proj.weight, std=std)
+
+
+class _AuxTowerBlock(MoTBlock):
+    build_ffn = staticmethod(_ScaledFFN)
+
+
+def test_pluggable_tower_ffn_reports_aux_losses():
+    """MoT x MoE's seam: a block subclass swaps each tower's FFN; aux losses sum over towers."""
+    torch.manual_seed(0)
+    block = _AuxTowerBlock(MOT)
+    block.init_weights(0.05, 0.05)
+    batch = _job_batch(MOT.patch_dim)
+    routing = TowerRouting.from_ids(tower_ids(batch, "role"))
+    x = torch.randn(*batch.shape, MOT.dim)
+    rope = rope_cos_sin(batch.positions, MOT.head_dim, MOT.rope_theta)
+    seen = []
+    for tower in block.towers:
+        tower.feed_forward.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[1], out[1])))
+    out, aux = block(x, rope, build_dense_mask(batch), None, routing)
+    assert isinstance(block.towers[1].feed_forward, _ScaledFFN) and out.shape == x.shape
+    # each tower's FFN ran once on its own rows; the block's aux is the sum of theirs
+    assert [n for n, _ in seen] == list(routing.counts) and min(routing.counts) > 0
+    assert aux.keys() == {"ffn_square"}
+    assert torch.equal(aux["ffn_square"], seen[0][1]["ffn_square"] + seen[1][1]["ffn_square"])
+
+
+def test_a_tower_position_costs_one_towers_flops():
+    from mmgen.metrics.flops import training_flops
+    from mmgen.models import num_params
+
+    batch = _job_batch(MOT.patch_dim)
+    assert training_flops(MOT, batch) == training_flops(DENSE, batch)
+    # towers add parameters, not work: the blocks hold twice the dense block's weights
+    dense, mot = _model(DENSE), _model(MOT)
+    trunk = lambda m: sum(p.numel() for p in m.layers.parameters())
+    assert trunk(mot) == 2 * trunk(dense) and num_params(mot) - num_params(dense) == trunk(dense)

@@ -21,6 +21,9 @@ Counting rules (one convention, so numbers compare across families, layouts and 
 * Training = forward + backward = 3 x forward (the backward computes gradients with respect
   to the inputs and to the weights, each costing one forward). Recomputation by activation
   checkpointing is work the hardware does, not model FLOPs: MFU does not rise when it is on.
+* Modality towers (``model.block=mot``): a position runs the linear layers of its own tower
+  only, and every tower has the block's shape, so it costs one tower's FLOPs; the counts above
+  hold as they are (towers add parameters, not work per position).
 """
 from __future__ import annotations
 

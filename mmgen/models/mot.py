@@ -29,8 +29,15 @@ MoT initialised from a dense checkpoint (``checkpoint.init_from``) computes the 
 function at step 0.
 
 The FFN of each tower is built by the block's ``build_ffn`` (a factory taking the
-``ModelConfig``): a subclass that swaps it for an MoE FFN is MoT x MoE. An FFN may return
-``(y, aux)``; the block sums each named aux loss over its towers and returns ``(x, aux)``.
+``ModelConfig``); a subclass that swaps it for an MoE FFN is MoT x MoE::
+
+    class MoTMoEBlock(MoTBlock):
+        build_ffn = staticmethod(lambda cfg: MoEFFN(cfg))    # BLOCKS["motmoe"] = MoTMoEBlock
+
+The FFN is called on one tower's rows as a ``[1, n, dim]`` sequence (padding rows included,
+on the text tower) and has ``init_weights(std, out_std)``. It may return ``(y, aux)``; the
+block sums each named aux loss over its towers (as the trunk sums over blocks) and then
+returns ``(x, aux)``. Each tower gets its own experts and router.
 """
 from __future__ import annotations
 
@@ -148,11 +155,12 @@ class TowerLayer(nn.Module):
     def post(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Residual rows and their attention outputs -> block output rows, FFN aux losses."""
         x = x + self.attention.wo(attn)
-        y = self.feed_forward(self.ffn_norm(x))
+        # a [1, n, dim] sequence: the rank a dense block's FFN (or an MoE FFN) is given
+        y = self.feed_forward(self.ffn_norm(x)[None])
         aux = {}
         if isinstance(y, tuple):
             y, aux = y
-        return x + y, aux
+        return x + y[0], aux
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
