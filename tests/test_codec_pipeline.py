@@ -154,3 +154,17 @@ def test_encode_on_device_needs_a_latent_codec():
         compose_job(["data.encode_on=device"])
     with pytest.raises(ConfigError, match="encode_on='gpu' is not one of workers, device"):
         compose_job(["data.encode_on=gpu"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_encoding_in_bf16_on_the_gpu_stays_close_to_fp32(env):
+    tok = build_tokenizer("bytes")
+    cfg = compose_job([*_base(env), f"data.train_shards={env['raw']}", "data.encode_on=device"]).data
+    batch = next(iter(build_dataloader(cfg, tok, 0, 1))).to("cuda")
+    fp32 = DeviceEncoder(cfg.visual_codec(), "cuda")(batch).patches
+    bf16 = DeviceEncoder(cfg.visual_codec(), "cuda", bf16=True)(batch).patches
+    assert fp32.dtype == bf16.dtype == torch.float32 and fp32.device.type == "cuda"
+    rel = ((bf16 - fp32).norm() / fp32.norm()).item()
+    print(f"bf16 vs fp32 latents: relative error {rel:.2e}")
+    assert rel < 2e-2
