@@ -10,6 +10,8 @@
 * ``stats SHARDS...``: shards, samples, bytes, member types, caption lengths, image sizes; video
   resolution, frame rate and duration.
 * ``preview SHARDS...``: a PNG contact sheet of the first samples with their captions.
+* ``encode SHARDS... --codec C --out DIR --image-size S``: latent shards of a frozen codec
+  (``mmgen/data/tools/encode.py``), tagged with its fingerprint for the loader's check.
 
 ``SHARDS...`` is one or more shard files, directories, globs or brace patterns (or several
 joined by "::"), so a list the shell expanded (``/data/laion/{00000..00099}.tar``) works too.
@@ -322,6 +324,18 @@ def cmd_preview(a) -> None:
     print(f"wrote {out} ({a.num} samples at most)")
 
 
+def cmd_encode(a) -> None:
+    from mmgen.data.tools.encode import encode_shards
+    from mmgen.models.codecs import build_codec
+
+    # latents are cached unpatched, so the codec's geometry at patch size 1 is all it needs
+    codec = build_codec(a.codec, 1)
+    info = encode_shards(" :: ".join(a.shards), codec, a.image_size, a.out, a.batch_size, a.device)
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(info["skipped"].items())) or "none"
+    print(f"encoded {info['samples']} samples with {a.codec} (fingerprint {info['fingerprint']}) "
+          f"into {Path(a.out).resolve()}; skipped: {skipped}")
+
+
 # ----------------------------------------------------------------------------------------------
 # The parser
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +404,16 @@ def add_data_commands(subparsers) -> None:
     st.add_argument("--sample", type=int, default=50, help="samples per shard to read for content stats "
                                                           "(0: counts only, from shardindex.json when fresh)")
     st.set_defaults(func=cmd_stats)
+
+    en = data.add_parser("encode", help="cache a frozen codec's latents/codes of pair shards as latent shards "
+                                        "(keyed by the source keys, tagged with the codec's fingerprint)")
+    en.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns (or several joined by '::')")
+    en.add_argument("--codec", required=True, help="the codec, as data.codec (e.g. diffusers:/models/vae)")
+    en.add_argument("--out", required=True, help="output directory (empty or new)")
+    en.add_argument("--image-size", type=int, required=True, help="side the images are decoded at (= data.image_size)")
+    en.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    en.add_argument("--device", default="cpu", help="where the codec runs (cpu, cuda)")
+    en.set_defaults(func=cmd_encode)
 
     pv = data.add_parser("preview", help="PNG contact sheet of the first samples with captions")
     pv.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns (or several joined by '::')")

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mmgen.models.codecs import CODECS, VisualCodec, build_codec
+from mmgen.models.codecs import CODEC_LOADERS, CODECS, VisualCodec, build_codec, codec_known
 from mmgen.models.tokenizers import TOKENIZERS
 
 # Framing tokens of the smallest image document: [BOS] [BOI] <image> [EOI] [EOS].
@@ -25,6 +25,7 @@ DOC_FRAME_TOKENS = 4
 PAIR, INTERLEAVED, VIDEO = "pair", "interleaved", "video"
 SAMPLE_TYPES = (PAIR, INTERLEAVED, VIDEO)
 CLIP_STARTS = ("random", "start", "center")
+ENCODE_ON = ("workers", "device")
 
 
 @dataclass
@@ -59,6 +60,11 @@ class DataConfig:
     image_size: int = 32
     codec: str = "pixels"          # visual codec (mmgen.models.codecs.CODECS); pixels: patches
     patch_size: int = 4             # patch side on the codec's grid
+    # where a codec with latents (a VAE / VQ) runs on raw images: "workers" (the data workers,
+    # on their CPU) or "device" (the trainer, micro-batch by micro-batch on the accelerator,
+    # under no_grad; the workers then send pixel patches covering one latent patch each).
+    # Cached latents (`mmgen data encode`) are read as they are under both.
+    encode_on: str = "workers"
     seq_len: int = 256
     batch_size: int = 16            # packed rows per micro-batch per rank
     num_workers: int = 1            # DataLoader workers per rank; 0 = in the main process
@@ -83,6 +89,15 @@ class DataConfig:
     def visual_codec(self) -> VisualCodec:
         """The codec that turns this data's pixels into span payloads."""
         return build_codec(self.codec, self.patch_size)
+
+    def worker_codec(self) -> VisualCodec:
+        """The codec the data workers run on raw images: the visual codec itself, or with
+        ``encode_on="device"`` the pixel codec whose patches cover one latent patch each (same
+        grid, so the batch layout is the one the device-side encoding fills in)."""
+        codec = self.visual_codec()
+        if self.encode_on != "device":
+            return codec
+        return build_codec("pixels", codec.downsample * codec.patch_size)
 
     @property
     def image_tokens(self) -> int:
@@ -128,11 +143,22 @@ class DataConfig:
 
         need(self.image_size > 0 and self.patch_size > 0,
              f"image_size ({self.image_size}) and patch_size ({self.patch_size}) must be > 0")
-        need(self.codec in CODECS,
-             f"codec={self.codec!r} is not one of {', '.join(sorted(CODECS))}")
+        need(codec_known(self.codec),
+             f"codec={self.codec!r} is not one of {', '.join(sorted(CODECS))} or <kind>:<path> "
+             f"(kinds: {', '.join(sorted(CODEC_LOADERS))})")
         need(self.tokenizer in TOKENIZERS,
              f"tokenizer={self.tokenizer!r} is not one of {', '.join(sorted(TOKENIZERS))}")
         self._check_grid("image_size", self.image_size)
+        need(self.encode_on in ENCODE_ON,
+             f"encode_on={self.encode_on!r} is not one of {', '.join(ENCODE_ON)}")
+        if self.encode_on == "device":
+            from mmgen.batch import CONTINUOUS
+            from mmgen.models.codecs import LatentCodec
+
+            codec = self.visual_codec()
+            need(isinstance(codec, LatentCodec) and codec.kind == CONTINUOUS,
+                 f"encode_on=device runs a continuous latent codec (a VAE) before the step; "
+                 f"codec={self.codec!r} is not one (use encode_on=workers)")
         smallest = self.image_tokens + DOC_FRAME_TOKENS
         need(smallest <= self.seq_len,
              f"one image document needs {smallest} positions ({self.image_tokens} image tokens + "

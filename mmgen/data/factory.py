@@ -10,7 +10,9 @@ from typing import Iterator
 import numpy as np
 
 from mmgen.data import decode as dec
-from mmgen.data.config import DataConfig
+from mmgen.data.config import PAIR, DataConfig
+from mmgen.data.latents import check_manifest, source_manifest
+from mmgen.errors import ConfigError
 from mmgen.data.loader import MultimodalLoader, _Layout, _Source
 from mmgen.data.sources import expand_shards, read_shard
 from mmgen.data.streams import AccumLoader, stream_index
@@ -49,7 +51,7 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
                 log.info("data: source %r has weight 0: not read (%s shards %r not opened)",
                          name, split, pattern)
             continue
-        sources.append(_Source(name, sc.type, pattern, expand_shards(pattern)))
+        sources.append(_cached_or_raw(cfg, name, sc.type, pattern, expand_shards(pattern)))
     if not sources:
         raise ValueError(f"data: no source of data config '{cfg.name}' with a weight above 0 "
                          f"has {split} shards")
@@ -67,6 +69,19 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
                                 _Layout(stream_index(rank, world_size, a), streams, workers), split)
                for a in range(grad_accum)]
     return loaders[0] if grad_accum == 1 else AccumLoader(loaders, rank, world_size)
+
+
+def _cached_or_raw(cfg: DataConfig, name: str, type_: str, pattern: str, shards: list[str]) -> _Source:
+    """A source, marked cached when its shards are latents (``codec.json``): refused (one line)
+    unless the configured codec made them at the configured image size."""
+    manifest = source_manifest(name, shards)
+    if manifest is None:
+        return _Source(name, type_, pattern, shards)
+    if type_ != PAIR:
+        raise ConfigError(f"data: source {name!r} is a latent cache; cached latents are read for "
+                         f"pair sources only (type={type_!r})")
+    check_manifest(name, manifest, cfg.visual_codec(), cfg.image_size)
+    return _Source(name, type_, pattern, shards, cached=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmgen.data import decode as dec
 from mmgen.batch import MultimodalBatch
 from mmgen.data.config import PAIR, VIDEO, DataConfig
+from mmgen.data.latents import decode_cached_sample
 from mmgen.data.mixing import Mixer
 from mmgen.data.pack import (BatchPacker, Document, build_document, build_interleaved_document,
                              build_video_document, choose_task, collate)
@@ -52,6 +53,7 @@ class _Source:
     type: str
     pattern: str
     shards: list[str]
+    cached: bool = False      # latent shards of `mmgen data encode` (data/latents.py)
 
     @property
     def names(self) -> list[str]:
@@ -93,7 +95,10 @@ class _SourceReader:
     def __init__(self, cfg: DataConfig, tokenizer, source: _Source, layout: _Layout, worker: int,
                  state: dict, single: bool):
         self.cfg, self.tok, self.src = cfg, tokenizer, source
-        self.codec = cfg.visual_codec()
+        # the workers' codec on raw images (pixel patches under encode_on=device); cached
+        # latents are read through the configured codec itself
+        self.codec = cfg.worker_codec()
+        self.latent_codec = cfg.visual_codec()
         self.reader, self.num_readers = layout.reader(worker), layout.num_readers
         self.names = source.names
         self.cursor = dict(state["cursor"])
@@ -220,10 +225,14 @@ class _SourceReader:
         key = raw.get("__key__", "?")
         hkey = self.hash_key(key)
         if self.src.type == PAIR:
-            out = dec.decode_sample(raw, cfg.image_size)
+            if self.src.cached:
+                out = decode_cached_sample(raw, self.latent_codec, self.codec.payload_dim)
+            else:
+                out = dec.decode_sample(raw, cfg.image_size)
             if not isinstance(out, tuple):
                 task, dropped = choose_task(cfg.seed, hkey, cfg.t2i_ratio, cfg.caption_dropout)
-                doc = build_document(out, task, dropped, tok, self.codec, name, PAIR)
+                codec = self.latent_codec if self.src.cached else self.codec
+                doc = build_document(out, task, dropped, tok, codec, name, PAIR)
         elif self.src.type == VIDEO:
             out = dec.decode_video_sample(raw, cfg.frame_size, cfg.video_frames, cfg.video_fps,
                                           cfg.video_clip_start, cfg.seed, hkey)
@@ -296,7 +305,7 @@ class PackedBatchDataset(IterableDataset):
         mixer = _WorkerMixer(self.cfg, self.tokenizer, self.sources, self.weights, self.layout,
                               worker, self.start[worker], self.resplits)
         packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)
-        payload_dim = self.cfg.visual_codec().payload_dim
+        payload_dim = self.cfg.worker_codec().payload_dim
         while True:
             before = mixer.state()
             doc = mixer.next_doc()

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from mmgen import documents
-from mmgen.batch import IMAGE, VIDEO, MultimodalBatch
+from mmgen.batch import DISCRETE, IMAGE, VIDEO, MultimodalBatch
 from mmgen.data.decode import InterleavedSample, Sample, VideoSample
+from mmgen.data.latents import CachedLatent
 from mmgen.data.sources import unit_hash
 from mmgen.documents import Document, Span, Visual  # noqa: F401  (Document/Span: the loader's types)
 from mmgen.models.codecs import VisualCodec, to_unit
@@ -46,7 +47,7 @@ T2I, I2T = "t2i", "i2t"
 T2V, V2T = "t2v", "v2t"
 INTERLEAVED = "interleaved"
 META_KEYS = ("key", "shard", "caption", "task", "caption_dropped", "source", "type", "clip",
-             "epoch")
+             "epoch", "encoded")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,13 +84,18 @@ def assemble(parts: list, tok, meta: dict) -> Document:
     return documents.build_document(segments, tok.visual, full_meta)
 
 
-def _visual(pixels: torch.Tensor, codec: VisualCodec, modality: int, is_target: bool) -> Visual:
-    rows, grid = codec.encode(pixels)
+def _visual(pixels, codec: VisualCodec, modality: int, is_target: bool, tok) -> Visual:
+    """``pixels`` (a tensor, or a :class:`~mmgen.data.latents.CachedLatent` read from a latent
+    shard) as a span; discrete codes go above the text vocabulary (DESIGN.md contract 5)."""
+    rows, grid = (pixels.rows, pixels.grid) if isinstance(pixels, CachedLatent) else codec.encode(pixels)
+    if codec.kind == DISCRETE:
+        rows = rows.long() + tok.vocab_size
     return Visual(rows, grid, modality, is_target, kind=codec.kind)
 
 
-def _image_visual(image: np.ndarray, codec: VisualCodec, is_target: bool, tok) -> _Framed:
-    return _Framed(_visual(to_unit(image), codec, IMAGE, is_target), tok.boi, tok.eoi)
+def _image_visual(image, codec: VisualCodec, is_target: bool, tok) -> _Framed:
+    pixels = image if isinstance(image, CachedLatent) else to_unit(image)
+    return _Framed(_visual(pixels, codec, IMAGE, is_target, tok), tok.boi, tok.eoi)
 
 
 def build_document(sample: Sample, task: str, caption_dropped: bool, tokenizer,
@@ -110,7 +116,8 @@ def build_document(sample: Sample, task: str, caption_dropped: bool, tokenizer,
     parts = [caption, image] if task == T2I else [image, caption]
     return assemble(parts, tok, dict(key=sample.key, shard=sample.shard, caption=sample.caption,
                                      task=task, caption_dropped=caption_dropped, source=source,
-                                     type=sample_type))
+                                     type=sample_type,
+                                     encoded=isinstance(sample.image, CachedLatent)))
 
 
 def build_video_document(sample: VideoSample, task: str, caption_dropped: bool, tokenizer,
@@ -122,7 +129,7 @@ def build_video_document(sample: VideoSample, task: str, caption_dropped: bool, 
     caption = [] if caption_dropped else tok.encode(sample.caption)
     frames = sample.frames
     pixels = torch.stack([to_unit(f) for f in frames])
-    video = _Framed(_visual(pixels, codec, VIDEO, generate), tok.bov, tok.eov)
+    video = _Framed(_visual(pixels, codec, VIDEO, generate, tok), tok.bov, tok.eov)
     parts = [caption, video] if generate else [video, caption]
     clip = {"fps": sample.fps, "frames": int(frames.shape[0]), "start": round(sample.clip_start, 4),
             "held": sample.held}

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from mmgen.objectives.base import Objective, aux_losses, normalise, weighted_total
 from mmgen.objectives.config import ObjectiveConfig
+from mmgen.objectives.ddpm import TransfusionDDPMObjective
 from mmgen.objectives.next_token import NextTokenObjective
 from mmgen.objectives.transfusion import TransfusionObjective
 
 OBJECTIVES = {
     "transfusion": TransfusionObjective,
     "next_token": NextTokenObjective,
+    "transfusion_ddpm": TransfusionDDPMObjective,
 }
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 PREDICTIONS = ("v", "x", "eps")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+SCHEDULES = ("cosine", "linear")    # DDPM noise schedules (objective transfusion_ddpm)
 
 
 @dataclass
@@ -21,6 +22,12 @@ class ObjectiveConfig:
         time_sampling: "uniform" or "logit_normal" (SD3) for the target spans' t.
         t_eps: floor of the t (x-prediction) or 1 - t (eps-prediction) divisor when converting
             a prediction to a velocity.
+        schedule: DDPM only (``name=transfusion_ddpm``): the noise schedule, "cosine" (Nichol &
+            Dhariwal 2021) or "linear" (betas 1e-4 .. 0.02, Ho et al. 2020). There
+            ``prediction`` means DDPM's targets: "eps" (noise), "v" (Salimans & Ho 2022:
+            ``sqrt(abar) eps - sqrt(1 - abar) x0``) or "x" (clean latents), and the loss is the
+            MSE of that target.
+        num_timesteps: DDPM only: discrete diffusion steps T (timesteps 1..T, uniform).
     """
 
     name: str = "transfusion"
@@ -30,6 +37,8 @@ class ObjectiveConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     t_eps: float = 0.05
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
 
     def validate(self) -> "ObjectiveConfig":
         if self.prediction not in PREDICTIONS:
@@ -39,6 +48,10 @@ class ObjectiveConfig:
                              f"{TIME_SAMPLINGS}")
         if self.logit_std <= 0:
             raise ValueError(f"objective.logit_std must be positive, got {self.logit_std}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"objective.schedule='{self.schedule}' not in {SCHEDULES}")
+        if self.num_timesteps < 2:
+            raise ValueError(f"objective.num_timesteps must be >= 2, got {self.num_timesteps}")
         if not 0 < self.t_eps < 1:
             raise ValueError(f"objective.t_eps must be in (0, 1), got {self.t_eps}")
         return self

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 @dataclass
 class SamplerConfig:
-    """Knobs of the registered samplers (``SAMPLERS``: flow_t2i, text), passed in ``SampleContext.cfg``.
+    """Knobs of the registered samplers (``SAMPLERS``: flow_t2i, ddpm_t2i, text), passed in ``SampleContext.cfg``.
 
     Args:
         steps: Euler steps of the flow ODE from t = 1 (noise) to t = 0 (data).
@@ -20,6 +20,9 @@ class SamplerConfig:
             with a KV cache; False re-runs the whole sequence every step (the reference
             path: the same captions up to float rounding, slower).
         seed: seeds the initial noise, so samples are reproducible across calls.
+        schedule, num_timesteps: the DDPM noise schedule and T the model trained with (the
+            objective's, objective transfusion_ddpm; sampler ddpm_t2i).
+        ddim_eta: ddpm_t2i's noise per step: 0 deterministic DDIM, 1 ancestral DDPM.
     """
 
     steps: int = 20
@@ -30,6 +33,9 @@ class SamplerConfig:
     max_caption_len: int = 64
     use_cache: bool = True
     seed: int = 0
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+    ddim_eta: float = 0.0
 
     def validate(self) -> "SamplerConfig":
         if self.steps <= 0 or self.max_caption_len <= 0:
@@ -38,4 +44,6 @@ class SamplerConfig:
             raise ValueError(f"sampling.time_shift must be positive, got {self.time_shift}")
         if self.prediction not in ("v", "x", "eps"):
             raise ValueError(f"sampling.prediction='{self.prediction}' not in ('v', 'x', 'eps')")
+        if self.ddim_eta < 0:
+            raise ValueError(f"sampling.ddim_eta must be >= 0, got {self.ddim_eta}")
         return self

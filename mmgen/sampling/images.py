@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmgen.batch import IGNORE_INDEX
+from mmgen.batch import IGNORE_INDEX, MultimodalBatch
 from mmgen.models.codecs import VisualCodec, as_codec
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.objectives.flow import to_velocity
@@ -17,6 +17,28 @@ def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
     """``[steps + 1]`` times from 1 down to 0, optionally shifted towards high noise."""
     t = torch.linspace(1.0, 0.0, steps + 1)
     return shift * t / (1 + (shift - 1) * t)
+
+
+def prompt_batch(tokenizer: ByteTokenizer, captions: list[str], grid: tuple[int, int, int],
+                 patch_dim: int, guided: bool, device) -> tuple[list[str], MultimodalBatch]:
+    """(prompts, batch) of text-to-image prompts ``[BOS] caption [BOI] <span>``, the
+    unconditional ``[BOS] [BOI] <span>`` of every caption after them when ``guided``.
+
+    Args:
+        tokenizer: the run's tokenizer.
+        captions: one per image.
+        grid: the span's (1, gh, gw).
+        patch_dim: the codec's payload_dim.
+        guided: add the unconditional branch (classifier-free guidance).
+        device: where the batch goes.
+    """
+    prompts = captions + [""] * len(captions) if guided else captions
+    # the span's patches are placeholders: each step feeds the current x_t as visual_in
+    placeholder = torch.zeros(grid[0] * grid[1] * grid[2], patch_dim)
+    docs = [text_to_image_doc(tokenizer, p, placeholder, grid, complete=False) for p in prompts]
+    batch = build_batch(docs, tokenizer).to(device)
+    batch.targets = torch.full_like(batch.targets, IGNORE_INDEX)   # no text logits needed
+    return prompts, batch
 
 
 def generate_images(model: nn.Module, tokenizer: ByteTokenizer, captions: list[str],
@@ -39,12 +61,7 @@ def generate_images(model: nn.Module, tokenizer: ByteTokenizer, captions: list[s
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(n, n_patch, patch_dim, generator=gen).to(device)
     guided = cfg.guidance != 1.0
-    prompts = captions + [""] * n if guided else captions
-    # the span's patches are placeholders: each step feeds the current x_t as visual_in
-    placeholder = torch.zeros(n_patch, patch_dim)
-    docs = [text_to_image_doc(tokenizer, p, placeholder, grid, complete=False) for p in prompts]
-    batch = build_batch(docs, tokenizer).to(device)
-    batch.targets = torch.full_like(batch.targets, IGNORE_INDEX)   # no text logits needed
+    prompts, batch = prompt_batch(tokenizer, captions, grid, patch_dim, guided, device)
     times = time_grid(cfg.steps, cfg.time_shift).tolist()
     with inference(model):
         # the mask is the same at every step; wrapped models without build_mask rebuild it

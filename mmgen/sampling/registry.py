@@ -83,6 +83,20 @@ class FlowTextToImage:
                                    ctx.cfg, dev)
 
 
+class DDPMTextToImage:
+    """DDIM / ancestral sampling of DDPM-trained spans with guidance (:func:`generate_images_ddpm`)."""
+
+    task, reads = TEXT_TO_IMAGE, CAPTION
+
+    def __call__(self, model: nn.Module, prompts: Sequence[str], ctx: SampleContext) -> torch.Tensor:
+        from mmgen.sampling.ddpm import generate_images_ddpm
+
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_images_ddpm(model, ctx.tokenizer, list(prompts), ctx.grid_hw,
+                                        ctx.codec, ctx.cfg, dev)
+
+
 class GreedyCaptions:
     """Greedy text decoding after a clean image span, with a KV cache (:func:`generate_captions`)."""
 
@@ -96,6 +110,7 @@ class GreedyCaptions:
 
 SAMPLERS: dict[str, Sampler] = {
     "flow_t2i": FlowTextToImage(),
+    "ddpm_t2i": DDPMTextToImage(),
     "text": GreedyCaptions(),
 }
 

@@ -71,6 +71,7 @@ class JobConfig:
         if m.visual_pos != "none" and (grid_h > m.max_grid[1] or grid_w > m.max_grid[2]):
             raise ConfigError(f"data.image_size={d.image_size} gives a {grid_h}x{grid_w} grid under the {d.codec} codec, "
                               f"beyond model.max_grid {list(m.max_grid)}")
+        self._validate_codec_geometry(codec, tokenizer)
         if m.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
                               f"{tokenizer.vocab_size} ids")
@@ -83,6 +84,31 @@ class JobConfig:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name='{self.name}' must be a non-empty run name without '/'")
 
+
+    def _validate_codec_geometry(self, codec, tokenizer) -> None:
+        """Video grids against the learned position tables (frames vs ``max_grid[0]``, the
+        frame grid vs ``max_grid[1:]``) and discrete codes against the vocabulary: a run that
+        would index past a table fails here, not at its first video batch."""
+        from mmgen.batch import DISCRETE
+        from mmgen.data.config import VIDEO
+
+        d, m = self.data, self.model
+        video = any(s.type == VIDEO and d.raw_weight(n) > 0 for n, s in d.sources.items())
+        if video and m.visual_pos != "none":
+            t, gh, gw = codec.grid(d.frame_size, frames=d.video_frames)
+            if t > m.max_grid[0]:
+                raise ConfigError(f"data.video_frames={d.video_frames} gives {t} frames per clip, beyond model.max_grid[0]="
+                                  f"{m.max_grid[0]} (the learned time table): raise model.max_grid or lower data.video_frames")
+            if gh > m.max_grid[1] or gw > m.max_grid[2]:
+                raise ConfigError(f"video frames of {d.frame_size} px give a {gh}x{gw} grid under the {d.codec} codec "
+                                  f"(downsampling {codec.downsample} x patch {codec.patch_size}), beyond model.max_grid "
+                                  f"{list(m.max_grid)}")
+        if codec.kind == DISCRETE:
+            need = tokenizer.vocab_size + int(getattr(codec, "codebook_size", 0))
+            if m.vocab_size < need:
+                raise ConfigError(f"model.vocab_size={m.vocab_size} cannot hold the {d.codec} codec's "
+                                  f"{getattr(codec, 'codebook_size', 0)} codes above the {tokenizer.vocab_size} "
+                                  f"text ids (needs >= {need})")
 
     def _validate_heads(self) -> None:
         from mmgen.objectives import objective_heads

@@ -37,6 +37,19 @@ def noise_seed(seed: int, step: int, stream: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def build_device_encoder(job: JobConfig, device: torch.device):
+    """The frozen codec that encodes each micro-batch's pixels on ``device`` before the step
+    (``data.encode_on=device``), None otherwise. bf16 where the run trains in bf16: a VAE
+    encoder is robust to it, and the latents come back in fp32."""
+    if job.data.encode_on != "device":
+        return None
+    from mmgen.models.codecs.device import DeviceEncoder
+
+    p = job.trainer.precision
+    return DeviceEncoder(job.data.visual_codec(), device,
+                         bf16=p == "bf16" or (p == "auto" and device.type == "cuda"))
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses."""
 
@@ -121,6 +134,7 @@ class Trainer:
                                        grad_accum=self.job.trainer.grad_accum)
         self.data_iter = None
         self.key_log = None
+        self.device_encoder = build_device_encoder(self.job, self.dist.device)
 
     def stream(self, micro: int) -> int:
         """The data stream of micro-batch ``micro`` of a step on this rank (AccumLoader)."""
@@ -240,7 +254,8 @@ class Trainer:
             tokens += b.num_tokens()
             work["positions"] += b.tokens.numel()
             work["flops"] += training_flops(self.job.model, b)
-            batches.append(b.to(dev, non_blocking=True))
+            b = b.to(dev, non_blocking=True)
+            batches.append(self.device_encoder(b) if self.device_encoder else b)
         return (batches, counts, tokens), time.perf_counter() - t0, work
 
     def record_keys(self, micro: int, batch) -> None:

@@ -54,6 +54,32 @@ class VisualCodec(Protocol):
         ...
 
 
+@runtime_checkable
+class LatentCodec(VisualCodec, Protocol):
+    """A codec with an explicit latent grid (a VAE or VQ tokenizer): what the device path
+    (``mmgen.models.codecs.device``) and the latent cache (``mmgen data encode``) need beyond
+    :class:`VisualCodec`. The pixel codec is not one: its payload is the pixels themselves.
+    """
+
+    def fingerprint(self) -> str:
+        """Hash of the codec's config, weights and latent convention; tags cached latents."""
+        ...
+
+    def to(self, device): ...
+
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` pixels -> ``[B, c, h, w]`` latents (discrete: ``[B, h, w]`` codes)."""
+        ...
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`encode_latents` -> ``[B, C, H, W]`` pixels."""
+        ...
+
+    def latent_rows(self, latents: torch.Tensor) -> torch.Tensor:
+        """One frame's latent ``[c, h, w]`` (codes ``[h, w]``) -> its payload rows."""
+        ...
+
+
 def to_unit(img_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """HWC uint8 -> CHW float in [-1, 1]."""
     t = torch.as_tensor(np.asarray(img_uint8))
