@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from mmgen.models.codecs import CODECS, VisualCodec, build_codec
-from mmgen.models.tokenizers import TOKENIZERS
+from mmgen.models.tokenizers import TOKENIZERS, is_tokenizer_name
 
 # Framing tokens of the smallest image document: [BOS] [BOI] <image> [EOI] [EOS].
 DOC_FRAME_TOKENS = 4
@@ -130,8 +130,8 @@ class DataConfig:
              f"image_size ({self.image_size}) and patch_size ({self.patch_size}) must be > 0")
         need(self.codec in CODECS,
              f"codec={self.codec!r} is not one of {', '.join(sorted(CODECS))}")
-        need(self.tokenizer in TOKENIZERS,
-             f"tokenizer={self.tokenizer!r} is not one of {', '.join(sorted(TOKENIZERS))}")
+        need(is_tokenizer_name(self.tokenizer),
+             f"tokenizer={self.tokenizer!r} is not one of {', '.join(sorted(TOKENIZERS))} or hf:<dir>")
         self._check_grid("image_size", self.image_size)
         smallest = self.image_tokens + DOC_FRAME_TOKENS
         need(smallest <= self.seq_len,

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 VISUAL_POS = ("learned", "none")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclass
@@ -30,6 +31,14 @@ class ModelConfig:
             training job derives it from the objective (each objective names the heads it
             trains, ``Objective.heads``), so no parameter goes without a gradient; the default
             here is Transfusion's pair.
+        attention_head_dim: width of one attention head; 0 = ``dim // n_heads`` (Qwen3 sets
+            it explicitly, with ``n_heads * head_dim != dim``).
+        qkv_bias: biases on the q/k/v projections (Qwen2); the output projection has none.
+        rope_scaling: "none", "linear" (every frequency divided by ``rope_factor``) or
+            "llama3" (Llama 3.1's wavelength-dependent scaling, with ``rope_low_freq_factor``,
+            ``rope_high_freq_factor`` and ``rope_original_max_len``).
+        from_hf: a Hugging Face model directory whose ``config.json`` the ``hf`` flavor reads
+            (``model=hf:<dir>``, docs/pretrained.md); empty for every other flavor.
     """
 
     name: str = "debug"
@@ -51,10 +60,19 @@ class ModelConfig:
     timestep_dim: int = 256
     block: str = "dense"
     heads: list[str] = field(default_factory=lambda: ["lm", "flow"])
+    # the fields pretrained Hugging Face LLMs need (mmgen/models/hf/); defaults: v1's shape
+    attention_head_dim: int = 0
+    qkv_bias: bool = False
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    from_hf: str = ""
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attention_head_dim or self.dim // self.n_heads
 
     def validate(self) -> "ModelConfig":
         """Raise ValueError on an inconsistent shape; returns self so calls can chain."""
@@ -63,7 +81,9 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
+        if self.attention_head_dim < 0:
+            raise ValueError(f"model.attention_head_dim must be >= 0, got {self.attention_head_dim}")
+        if not self.attention_head_dim and self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by "
@@ -81,4 +101,12 @@ class ModelConfig:
             raise ValueError(f"model.attention='{self.attention}' not in {ATTENTION_BACKENDS}")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("model.rope_theta, norm_eps and init_std must be positive")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling='{self.rope_scaling}' not in {ROPE_SCALINGS}")
+        if self.rope_scaling != "none" and self.rope_factor <= 0:
+            raise ValueError(f"model.rope_factor must be positive, got {self.rope_factor}")
+        if self.rope_scaling == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor and self.rope_original_max_len > 0):
+            raise ValueError("model.rope_scaling=llama3 needs 0 < rope_low_freq_factor < rope_high_freq_factor "
+                             "and rope_original_max_len > 0")
         return self
