@@ -75,7 +75,8 @@ class HFTokenizer:
 
     def _assign(self, vocab: dict, added: dict, tcfg: dict):
         ids, mapped, appended, taken = {}, {}, {}, set()
-        for name in SPECIAL_NAMES:
+        # eos first: Qwen names <|endoftext|> as both eos and pad, and mmgen's ids are distinct
+        for name in ("eos", "bos", *(n for n in SPECIAL_NAMES if n not in ("eos", "bos"))):
             own = _content(tcfg.get(_CONFIG_ROLE.get(name, ""), None))
             for token in ((own,) if own else ()) + KNOWN[name]:
                 if token in vocab and vocab[token] not in taken:
