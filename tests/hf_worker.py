@@ -100,7 +100,7 @@ def main() -> None:
                     bad.append(key)
             state = t.engine.model_state_dict()   # collective: the whole model, for the fresh parts
             if dist.is_main:
-                fresh_by_layout[name] = {k: v for k, v in state.items() if hf_name(k) is None}
+                fresh_by_layout[name] = {k: v.clone() for k, v in state.items() if hf_name(k) is None}  # before the step
             t.data_iter = iter(t.loader)
             stats = t.train_step(t.next_batches()[0])  # the engine steps from these weights
             every = [None, None]

@@ -124,7 +124,7 @@ def pretrained_init(model: nn.Module, path: str, seed: int) -> PretrainedInit:
     try:
         source = PretrainedSource(model, path, seed)
     except ValueError as e:
-        raise ConfigError(f"checkpoint.init_from=hf:{path}: {e}") from None
+        raise ConfigError(f"checkpoint.init_from=hf:...: {e}") from None
     log.info("init_from hf:%s: %d tensors from the checkpoint; initialised fresh: %s", path,
              len(source.map.source), source.fresh_summary())
     return PretrainedInit(source)

@@ -64,7 +64,7 @@ def _check_unsupported(cfg: dict, kind: str, where: str) -> None:
                          f"(sliding window is not supported)")
     window = cfg.get("sliding_window")
     # qwen2/qwen3 name a window but use it only with use_sliding_window; mistral always uses it
-    used = cfg.get("use_sliding_window", kind == "mistral")
+    used = kind == "mistral" or cfg.get("use_sliding_window", False)
     if window and used:
         raise ValueError(f"{where}: sliding_window={window} is not supported (full attention only)")
     if cfg.get("mlp_bias"):
