@@ -176,6 +176,8 @@ HF_FIELDS = ("name", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "nor
 
 def hf_field(path: str, name: str):
     """One ModelConfig field of the HF model in ``path`` (the ``hf_model`` resolver)."""
+    if not str(path) or str(path) == "???":
+        raise ValueError("model=hf needs the directory: model=hf:<dir> (or model.from_hf=<dir>)")
     defaults = ModelConfig()
     return hf_model_fields(path).get(name, getattr(defaults, name))
 
