@@ -31,6 +31,10 @@ def register_configs() -> None:
     for name, flavor in FLAVORS.items():
         cs.store(group="model", name=name, node={**dataclasses.asdict(flavor), "patch_dim": PATCH_DIM,
                                                "heads": HEADS})
+    from mmgen.models.hf.config import hf_flavor_node
+
+    # `model=hf:<dir>` (rewritten to model=hf model.from_hf=<dir>): the shape from config.json
+    cs.store(group="model", name="hf", node=hf_flavor_node(PATCH_DIM, HEADS))
 
 
 def group_options(group: str) -> list[str]:

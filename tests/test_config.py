@@ -18,11 +18,19 @@ def shipped(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_every_shipped_config_composes(group):
+def test_every_shipped_config_composes(group, tmp_path):
     options = shipped(group)
     assert options, f"configs/{group}/ is empty"
     for opt in options:
-        job = compose_job([f"{group}={opt}"])
+        extra = []
+        if (group, opt) == ("model", "hf"):  # the one option with an argument: a HF directory
+            from tests.hf_assets import make_hf_model
+
+            make_hf_model(tmp_path / "hf", "qwen2")
+            extra = [f"model.from_hf={tmp_path / 'hf'}"]
+            with pytest.raises(Exception, match="model=hf needs the directory"):
+                compose_job(["model=hf"])
+        job = compose_job([f"{group}={opt}", *extra])
         job.validate()
 
 

@@ -95,10 +95,40 @@ def cmd_eval(a) -> None:
 
 
 def cmd_export(a) -> None:
+    if a.format == "hf":
+        return _export_hf(a)
     from mmgen.checkpoint.export import export_safetensors
 
     out = export_safetensors(a.run, a.out, trust=a.trust)
     print(f"exported {out.resolve()}")
+
+
+def _export_hf(a) -> None:
+    """``--format hf``: the run's config (model shape, tokenizer) and newest checkpoint's weights
+    as a Hugging Face directory (mmgen/checkpoint/hf_export.py)."""
+    from omegaconf import OmegaConf
+
+    from mmgen.checkpoint.export import consolidated_state_dict, find_checkpoint
+    from mmgen.checkpoint.hf_export import export_hf
+    from mmgen.cli.preflight import register_resolvers
+    from mmgen.trainer.job import JobConfig
+
+    register_resolvers()
+    cfg_file = Path(a.run) / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{a.run} is not a run directory (no config.yaml): --format hf needs the run's config")
+    job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.load(cfg_file)))
+    ckpt = find_checkpoint(a.run)
+    state = consolidated_state_dict(ckpt, trust=a.trust)
+    out = export_hf(state, job.model, a.out, tokenizer=job.data.tokenizer,
+                    max_shard_bytes=int(a.max_shard_mb * 2**20), source=str(ckpt))
+    print(f"exported {ckpt} -> {out.resolve()} (Hugging Face {json_type(out)})")
+
+
+def json_type(out: Path) -> str:
+    import json
+
+    return json.loads((out / "config.json").read_text())["model_type"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="consolidate a checkpoint into one safetensors file")
     ex.add_argument("run", help="run or checkpoint directory")
     ex.add_argument("--out", required=True)
+    ex.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                    help="safetensors: one file of mmgen's weights; hf: a Hugging Face directory (docs/pretrained.md)")
+    ex.add_argument("--max-shard-mb", type=float, default=5120, help="--format hf: largest safetensors file (MiB)")
     ex.add_argument("--trust", action="store_true", help=TRUST_HELP)
     ex.set_defaults(func=cmd_export)
 

@@ -34,6 +34,12 @@ def register_resolvers() -> None:
 
         # model.heads = the heads the objective trains (mmgen/models/README.md)
         OmegaConf.register_new_resolver("objective_heads", objective_heads)
+    if not OmegaConf.has_resolver("hf_model"):
+        from mmgen.models.hf.config import hf_field, hf_vocab
+
+        # model=hf: the shape of a Hugging Face model directory's config.json (docs/pretrained.md)
+        OmegaConf.register_new_resolver("hf_model", hf_field)
+        OmegaConf.register_new_resolver("hf_vocab", hf_vocab)
 
 
 def _payload_dim(codec: str, patch_size) -> int:
@@ -162,9 +168,11 @@ def source_overrides(overrides: list[str]) -> list[str]:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from mmgen.models.hf.config import hf_model_overrides
+
     parser = OverridesParser.create()
     out = []
-    for ov in overrides:
+    for ov in hf_model_overrides(list(overrides)):
         m = _SOURCE_ADD.match(ov)
         if m:
             plus, name, path, value = m.groups()

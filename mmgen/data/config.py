@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from mmgen.models.codecs import CODEC_LOADERS, CODECS, VisualCodec, build_codec, codec_known
-from mmgen.models.tokenizers import TOKENIZERS
+from mmgen.models.tokenizers import TOKENIZERS, is_tokenizer_name
 
 # Framing tokens of the smallest image document: [BOS] [BOI] <image> [EOI] [EOS].
 DOC_FRAME_TOKENS = 4
@@ -146,8 +146,8 @@ class DataConfig:
         need(codec_known(self.codec),
              f"codec={self.codec!r} is not one of {', '.join(sorted(CODECS))} or <kind>:<path> "
              f"(kinds: {', '.join(sorted(CODEC_LOADERS))})")
-        need(self.tokenizer in TOKENIZERS,
-             f"tokenizer={self.tokenizer!r} is not one of {', '.join(sorted(TOKENIZERS))}")
+        need(is_tokenizer_name(self.tokenizer),
+             f"tokenizer={self.tokenizer!r} is not one of {', '.join(sorted(TOKENIZERS))} or hf:<dir>")
         self._check_grid("image_size", self.image_size)
         need(self.encode_on in ENCODE_ON,
              f"encode_on={self.encode_on!r} is not one of {', '.join(ENCODE_ON)}")

@@ -8,6 +8,7 @@ VISUAL_POS = ("learned", "none")
 # modality towers (block "mot"): which tower each position uses, from the batch's span table
 TOWER_SPLITS = ("none", "role", "modality")
 TOWER_INITS = ("independent", "copy")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclass
@@ -41,6 +42,14 @@ class ModelConfig:
             as a copy of tower 0, the text tower).
         freeze_text_tower: tower 0's parameters of every block get ``requires_grad=False``
             (LMFusion: the language model's weights stay as they are); the optimizer skips them.
+        attention_head_dim: width of one attention head; 0 = ``dim // n_heads`` (Qwen3 sets
+            it explicitly, with ``n_heads * head_dim != dim``).
+        qkv_bias: biases on the q/k/v projections (Qwen2); the output projection has none.
+        rope_scaling: "none", "linear" (every frequency divided by ``rope_factor``) or
+            "llama3" (Llama 3.1's wavelength-dependent scaling, with ``rope_low_freq_factor``,
+            ``rope_high_freq_factor`` and ``rope_original_max_len``).
+        from_hf: a Hugging Face model directory whose ``config.json`` the ``hf`` flavor reads
+            (``model=hf:<dir>``, docs/pretrained.md); empty for every other flavor.
     """
 
     name: str = "debug"
@@ -65,10 +74,19 @@ class ModelConfig:
     tower_split: str = "none"
     tower_init: str = "independent"
     freeze_text_tower: bool = False
+    # the fields pretrained Hugging Face LLMs need (mmgen/models/hf/); defaults: v1's shape
+    attention_head_dim: int = 0
+    qkv_bias: bool = False
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    from_hf: str = ""
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attention_head_dim or self.dim // self.n_heads
 
     def validate(self) -> "ModelConfig":
         """Raise ValueError on an inconsistent shape; returns self so calls can chain."""
@@ -77,7 +95,9 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
+        if self.attention_head_dim < 0:
+            raise ValueError(f"model.attention_head_dim must be >= 0, got {self.attention_head_dim}")
+        if not self.attention_head_dim and self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by "
@@ -102,4 +122,12 @@ class ModelConfig:
         if self.freeze_text_tower and self.tower_split == "none":
             raise ValueError("model.freeze_text_tower=true needs modality towers "
                              "(model.tower_split=role|modality, model.block=mot)")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling='{self.rope_scaling}' not in {ROPE_SCALINGS}")
+        if self.rope_scaling != "none" and self.rope_factor <= 0:
+            raise ValueError(f"model.rope_factor must be positive, got {self.rope_factor}")
+        if self.rope_scaling == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor and self.rope_original_max_len > 0):
+            raise ValueError("model.rope_scaling=llama3 needs 0 < rope_low_freq_factor < rope_high_freq_factor "
+                             "and rope_original_max_len > 0")
         return self

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -30,15 +31,56 @@ class RMSNorm(nn.Module):
 
 # ---------------------------------------------------------------- rotary position embedding
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class RopeScaling:
+    """Frequency scaling of a long-context RoPE (the forms Hugging Face configs name).
+
+    Args:
+        kind: "linear" (every frequency divided by ``factor``) or "llama3" (Llama 3.1: long
+            wavelengths divided by ``factor``, short ones kept, a smooth blend between).
+        factor, low_freq_factor, high_freq_factor, original_max_len: Llama 3.1's parameters
+            (``original_max_len``: the pretraining context).
+    """
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return inv_freq / self.factor
+        if self.kind != "llama3":
+            raise ValueError(f"RoPE scaling '{self.kind}' is not supported (linear, llama3)")
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = self.original_max_len / self.low_freq_factor
+        high_wavelen = self.original_max_len / self.high_freq_factor
+        smooth = (self.original_max_len / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        out = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, out)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[B, 1, L, head_dim / 2]`` (fp32) for 1-D RoPE at ``positions``.
 
     Computed from positions on the fly rather than cached: positions restart in every packed
     document, and a buffer would have to be re-made after a meta-device build.
+
+    Args:
+        positions: ``[B, L]`` position ids.
+        head_dim: width of one attention head.
+        theta: the RoPE base.
+        scaling: long-context frequency scaling (None: plain RoPE).
     """
     half = head_dim // 2
     inv_freq = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     angles = positions.float()[:, None, :, None] * inv_freq
     return angles.cos(), angles.sin()
 
@@ -55,13 +97,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Grouped-query self-attention: projections, optional qk-norm, RoPE, masked attention."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool, norm_eps: float):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool, norm_eps: float,
+                 head_dim: int | None = None, qkv_bias: bool = False):
+        """``head_dim``: None = ``dim // n_heads``; ``qkv_bias``: biases on q/k/v (Qwen2)."""
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = dim // n_heads
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.head_dim = head_dim or dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
@@ -86,6 +130,8 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
             _trunc_normal(lin.weight, std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         _trunc_normal(self.wo.weight, out_std)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:

@@ -36,9 +36,17 @@ from mmgen.models.config import ModelConfig
 from mmgen.models.embedders import EMBEDDERS, embedder_names
 from mmgen.models.heads import HEADS, head_names
 from mmgen.models.kv_cache import KVCache, last_positions
-from mmgen.models.layers import RMSNorm, rope_cos_sin
+from mmgen.models.layers import RMSNorm, RopeScaling, rope_cos_sin
 from mmgen.models.mot import TowerRouting, tower_ids
 from mmgen.models.trunk import build_blocks, run_trunk
+
+
+def rope_scaling(cfg: ModelConfig) -> RopeScaling | None:
+    """The config's long-context RoPE scaling (None for plain RoPE)."""
+    if cfg.rope_scaling == "none":
+        return None
+    return RopeScaling(cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
+                       cfg.rope_high_freq_factor, cfg.rope_original_max_len)
 
 
 class UnifiedTransformer(nn.Module):
@@ -127,6 +135,10 @@ class UnifiedTransformer(nn.Module):
                              f"{list(self.head_names)}; registered: {list(HEADS)})")
         return HEADS[name].run(self, h)
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin tables at ``positions`` (``[B, L]``), with ``cfg.rope_scaling``."""
+        return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, rope_scaling(self.cfg))
+
     def _inputs(self, batch: MultimodalBatch, visual_in: torch.Tensor | None,
                 span_t: torch.Tensor | None, mask: AttentionMask | None):
         """Embedded inputs, RoPE tables and mask of a whole batch (defaults as in forward)."""
@@ -136,7 +148,7 @@ class UnifiedTransformer(nn.Module):
             span_t = torch.zeros(len(batch.spans), device=batch.tokens.device)
         if mask is None:
             mask = self.build_mask(batch)
-        rope = rope_cos_sin(batch.positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rope = self.rope(batch.positions)
         return self.embed(batch, visual_in, span_t), rope, mask
 
     def forward(self, batch: MultimodalBatch, visual_in: torch.Tensor | None = None,
@@ -211,7 +223,7 @@ class UnifiedTransformer(nn.Module):
             tokens = tokens[:, None]
         n = tokens.shape[1]
         positions = cache.next_positions[:, None] + torch.arange(n, device=tokens.device)
-        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rope = self.rope(positions)
         mask = cache.decode_mask(n)
         x = self.tok_embeddings(tokens)     # text positions: no patch or visual position code
         routing = None if self.cfg.tower_split == "none" else TowerRouting.text(tokens.shape, tokens.device)

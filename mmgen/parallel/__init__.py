@@ -31,7 +31,10 @@ def build_engine(model: nn.Module, parallel_cfg, optim_cfg, ctx: EngineContext, 
     backend = get_backend(parallel_cfg.name)
     reference = meta_copy(model)   # unsharded: where a sharded layout takes its initial weights from
     backend.parallelize(model, parallel_cfg, ctx, compile=compile)
-    materialize(model, reference, ctx.dist.device, init)
+    # a backend that shards at wrap time (ZeRO-3) may place pretrained weights itself
+    local = getattr(backend, "materialize_pretrained", None)
+    if not (getattr(init, "loads_local", False) and local and local(model, parallel_cfg, optim_cfg, ctx, init)):
+        materialize(model, reference, ctx.dist.device, init)
     del reference
     return backend.build_engine(model, parallel_cfg, optim_cfg, ctx)
 

@@ -256,6 +256,24 @@ def parallelize(module: torch.nn.Module, cfg: ParallelConfig, ctx: EngineContext
         check_zero3_compile(module, ctx.dist.device)
 
 
+def materialize_pretrained(module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, ctx: EngineContext,
+                           init) -> bool:
+    """ZeRO-3: partition the meta model parameter by parameter with pretrained values in each
+    rank's partition (mmgen.parallel.pretrained.materialize_zero3), so no rank holds the whole
+    model; returns False (materialise as usual) for stages 1-2, which keep whole parameters."""
+    if cfg.zero_stage != 3:
+        return False
+    from mmgen.parallel.pretrained import materialize_zero3
+
+    deepspeed = import_deepspeed(ctx.dist.device)
+    init_deepspeed_distributed(deepspeed, cfg, ctx.dist)
+    base = build_ds_config(cfg, micro_batch_size=ctx.micro_batch_size, grad_accum=ctx.grad_accum, bf16=ctx.bf16,
+                           grad_clip=optim.grad_clip, pin_memory=ctx.dist.device.type == "cuda")
+    ds_config, _ = merge_user_config(base, load_user_config(cfg.ds_config) if cfg.ds_config else {})
+    materialize_zero3(module, init, ds_config, ctx.dist.device, torch.bfloat16 if ctx.bf16 else torch.float32)
+    return True
+
+
 def build_engine(module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, ctx: EngineContext) -> ZeroEngine:
     """Wrap the materialised, initialised plain model in a DeepSpeed ZeRO engine built from
     mmgen's config (registry function).

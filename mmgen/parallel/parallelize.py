@@ -64,13 +64,18 @@ def materialize(model: nn.Module, reference: nn.Module, device: torch.device,
             parameter names); materialised only when ``model`` has sharded parameters.
         device: where the parameters live.
         init: fills a materialised plain model with its initial weights (seed + init_weights,
-            or a checkpoint's weights); runs on ``model`` itself when nothing is sharded.
+            or a checkpoint's weights); runs on ``model`` itself when nothing is sharded. An
+            ``init`` with ``loads_local`` (:class:`mmgen.parallel.pretrained.PretrainedInit`)
+            fills sharded parameters itself (``init.load_local``), with no reference.
     """
     tensors = [*model.parameters(), *model.buffers()]
     if not all(t.is_meta for t in tensors):
         raise ValueError("materialize takes the meta-device model (build it under torch.device('meta'))")
     sharded = any(_is_sharded(t) for t in tensors)
     model.to_empty(device=device)
+    if sharded and getattr(init, "loads_local", False):
+        init.load_local(model)  # pretrained weights straight into the shards (parallel/pretrained.py)
+        return
     if not sharded:
         init(model)
         return

@@ -112,6 +112,10 @@ class Trainer:
 
                 load_model_weights(module, job.checkpoint.init_from, trust=job.checkpoint.trust)
 
+        if job.checkpoint.init_from.startswith("hf:"):  # a Hugging Face LLM, into each rank's shards
+            from mmgen.parallel.pretrained import pretrained_init
+
+            init = pretrained_init(model, job.checkpoint.init_from[len("hf:"):], job.trainer.seed)
         ctx = EngineContext(self.dist, self.dims, precision=job.trainer.precision,
                             micro_batch_size=job.data.batch_size, grad_accum=job.trainer.grad_accum)
         self.engine = build_engine(model, job.parallel, job.optim, ctx, init=init, compile=job.trainer.compile)
