@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -70,7 +71,67 @@ class Cases:
         self.record("pp2", layer_ids=[list(t.engine.stage.layer_ids)], first=t.engine.stage.first)
 
 
-ORDER = ["tp2", "tp2_sp", "pp2"]
+    def reshard(self) -> None:
+        """Weights saved at TP=2 (dist_checkpointing), loaded at TP=1 x DP=2: the same logits."""
+        from mmgen.checkpoint.export import consolidated_state_dict
+
+        t = self.trainer("reshard_tp2", [*MEGATRON, "parallel.tp=2", "trainer.steps=3", "checkpoint.enabled=true",
+                                         "checkpoint.every=3"])
+        t.train()
+        batch = next(iter(t.loader)).to(t.dist.device)
+        with torch.no_grad():
+            before = t.engine.model(batch)["lm"]
+        ckpt = self.out / "reshard_tp2" / "checkpoints" / "step_0000003"
+        engine_state = t.engine.model_state_dict()
+        del t
+        t1 = self.trainer("reshard_tp1", [*MEGATRON, "checkpoint.enabled=false"])
+        t1.engine.load_weights(ckpt)
+        with torch.no_grad():
+            after = t1.engine.model(batch)["lm"]
+        self.record("reshard", max_abs_diff=float((before - after).abs().max()), logits_scale=float(before.abs().max()),
+                    tp1_dims=t1.engine.dims.degrees())
+        if self.dist.is_main:  # export: one plain state dict, no process group
+            exported = consolidated_state_dict(ckpt)
+            self.record("reshard", export_equal=_equal(exported, engine_state))
+        barrier()
+
+    def resume(self) -> None:
+        """megatron DDP + distributed optimizer (DP=2): a run resumed at step 2 continues bit for bit."""
+        extra = [*MEGATRON, "parallel.distributed_optimizer=true", "trainer.steps=4", "checkpoint.enabled=true",
+                 "checkpoint.every=2"]
+        self.train_curve("resume_a", extra)
+        if self.dist.is_main:
+            src = self.out / "resume_a" / "checkpoints" / "step_0000002"
+            shutil.copytree(src, self.out / "resume_b_src" / "step_0000002")
+        barrier()
+        t = self.train_curve("resume_b", [*extra, f"checkpoint.resume={self.out / 'resume_b_src' / 'step_0000002'}"])
+        self.record("resume", dims=t.engine.dims.degrees(), start_step=2)
+
+    def from_ddp(self) -> None:
+        """checkpoint.init_from a DDP run into megatron TP=2; the megatron checkpoint exports the same weights."""
+        from mmgen.checkpoint.export import consolidated_state_dict
+
+        self.trainer("ddp_src", ["parallel=ddp", "trainer.steps=2", "checkpoint.enabled=true",
+                                 "checkpoint.every=2"]).train()
+        ddp_ckpt = self.out / "ddp_src" / "checkpoints" / "step_0000002"
+        t = self.trainer("from_ddp", [*MEGATRON, "parallel.tp=2", "checkpoint.enabled=true",
+                                      f"checkpoint.init_from={ddp_ckpt}"])
+        t.save_checkpoint()
+        barrier()
+        if self.dist.is_main:
+            ddp = consolidated_state_dict(ddp_ckpt)
+            back = consolidated_state_dict(self.out / "from_ddp" / "checkpoints" / "step_0000000")
+            meta = json.loads((self.out / "from_ddp" / "checkpoints" / "step_0000000" / "meta.json").read_text())
+            self.record("from_ddp", equal=_equal(ddp, back), meta={k: meta.get(k) for k in ("backend", "parallel")},
+                        versions=meta.get("versions", {}))
+        barrier()
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+ORDER = ["tp2", "tp2_sp", "pp2", "reshard", "resume", "from_ddp"]
 
 
 def main() -> None:

@@ -111,6 +111,8 @@ def plain_shards(local: dict[str, torch.Tensor], cfg: ModelConfig,
     out: dict[str, tuple[torch.Tensor, int | None]] = {}
     back = {v: k for k, v in RENAMED.items()}
     for key, value in local.items():
+        if not isinstance(value, torch.Tensor):   # megatron linears' `_extra_state` (None)
+            continue
         m = _LAYER.match(key)
         if m is None:
             out[key] = (value, None)

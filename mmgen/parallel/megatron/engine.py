@@ -230,9 +230,18 @@ class MegatronEngine(Engine):
         inner = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
         state = {"layout": self.dims.degrees(), "state": inner.state_dict()}
         if self.cfg.distributed_optimizer:
-            state["params"] = inner.get_parameter_state_dp_reshardable()
+            params = inner.get_parameter_state_dp_reshardable()
+            # megatron 0.16.1's loader filters on a "padding" flag its own getter never writes
+            for key, per_dtype in params.items():
+                if isinstance(key, int):
+                    for buckets in per_dtype.values():
+                        for bucket in buckets:
+                            for item in bucket:
+                                item.setdefault("padding", False)
+            state["params"] = params
         return state
 
+    @torch.no_grad()   # megatron copies into views of the (leaf) parameters
     def load(self, path: Path, trust: bool = False, own: bool = False) -> None:
         """Weights at any TP/PP (dist_checkpointing reshards); optimizer state only at the layout
         that wrote it (otherwise one line pointing at ``checkpoint.init_from``)."""
@@ -256,6 +265,11 @@ class MegatronEngine(Engine):
         inner.load_state_dict(saved["state"])
         if self.cfg.distributed_optimizer:
             inner.load_parameter_state_from_dp_reshardable(saved["params"])
+        # megatron 0.16.1 (without TE/apex) gives every parameter's state ONE shared "step"
+        # tensor, which torch's AdamW then increments once per parameter: one each again
+        for state in inner.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
         for group in inner.optimizer.param_groups:
             group["weight_decay"] = self.optim_cfg.weight_decay * group.get("wd_mult", 1.0)
 
@@ -272,7 +286,8 @@ class MegatronEngine(Engine):
         loaded = dist_checkpointing.load(self._sharded_state_dict(), str(path / MEGATRON_DIR))
         local = self._local_from_shards(loaded)
         for name, param in self.stage.state_dict(keep_vars=True).items():
-            param.data.copy_(local[name].to(param.device))
+            if isinstance(param, torch.Tensor):
+                param.data.copy_(local[name].to(param.device))
 
     def _local_from_shards(self, shards: dict) -> dict:
         """This rank's megatron state from its plain-key chunks (what dist_checkpointing returns)."""

@@ -146,6 +146,7 @@ class MegatronTransformer(MegatronModule):
         tp, pp = mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size
         stage = ps.get_pipeline_model_parallel_rank()
         self.first, self.last = stage == 0, stage == pp - 1
+        self.pre_process, self.post_process = self.first, self.last   # megatron's names for them
         self.sequence_parallel = mcfg.sequence_parallel
         self.share_embeddings_and_output_weights = False
         self.model_type = ModelType.encoder_or_decoder   # what megatron's schedules ask
