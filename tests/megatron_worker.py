@@ -56,6 +56,29 @@ class Cases:
         return t
 
     # -- cases --------------------------------------------------------------------------
+    def compat(self) -> None:
+        """The CPU compatibility layer's megatron sources are what it was written for; a changed
+        one is named (checked here: this process has imported megatron anyway)."""
+        from mmgen.parallel.megatron import cpu_compat
+
+        try:
+            cpu_compat.check_megatron_sources()
+            ok = None
+        except RuntimeError as e:
+            ok = str(e)
+        target = "megatron.core.optimizer.clip_grads:get_grad_norm_fp32"
+        saved = dict(cpu_compat.PATCHED)
+        cpu_compat.PATCHED[target] = "a fragment no megatron has"
+        try:
+            cpu_compat.check_megatron_sources()
+            tampered = None
+        except RuntimeError as e:
+            tampered = str(e)
+        finally:
+            cpu_compat.PATCHED.clear()
+            cpu_compat.PATCHED.update(saved)
+        self.record("compat", error=ok, tampered=tampered, target=target)
+
     def tp2(self) -> None:
         """TP=2 (dp=1): the one-process golden, 20 steps."""
         t = self.train_curve("tp2", [*MEGATRON, "parallel.tp=2"])
@@ -131,7 +154,7 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
 
 
-ORDER = ["tp2", "tp2_sp", "pp2", "reshard", "resume", "from_ddp"]
+ORDER = ["compat", "tp2", "tp2_sp", "pp2", "reshard", "resume", "from_ddp"]
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def test_every_registered_backend_implements_the_protocol():
 def test_unknown_backend_is_one_config_line_naming_the_registry():
     with pytest.raises(ConfigError) as e:
         compose_job(["parallel.name=zero4"])
-    assert "parallel.name='zero4' is not a backend (available: ddp, fsdp2, zero1, zero2, zero3)" in str(e.value)
+    assert "parallel.name='zero4' is not a backend (available: ddp, fsdp2, zero1, zero2, zero3, megatron)" in str(e.value)
     assert "\n" not in str(e.value)
 
 
