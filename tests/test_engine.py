@@ -130,8 +130,8 @@ def test_forward_backward_accumulates_every_micro_batch_and_hands_loss_fn_its_in
 def test_export_refuses_a_backend_it_does_not_have(tmp_path):
     from mmgen.checkpoint.export import consolidated_state_dict
 
-    (tmp_path / "meta.json").write_text(json.dumps({"step": 1, "backend": "megatron", "world_size": 2}))
-    with pytest.raises(ValueError, match="written by backend 'megatron', which this mmgen does not have"):
+    (tmp_path / "meta.json").write_text(json.dumps({"step": 1, "backend": "colossal", "world_size": 2}))
+    with pytest.raises(ValueError, match="written by backend 'colossal', which this mmgen does not have"):
         consolidated_state_dict(tmp_path)
 
 
