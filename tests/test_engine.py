@@ -56,7 +56,7 @@ def test_every_registered_backend_implements_the_protocol():
 def test_unknown_backend_is_one_config_line_naming_the_registry():
     with pytest.raises(ConfigError) as e:
         compose_job(["parallel.name=zero4"])
-    assert "parallel.name='zero4' is not a backend (available: ddp, fsdp2, zero1, zero2, zero3)" in str(e.value)
+    assert "parallel.name='zero4' is not a backend (available: ddp, fsdp2, zero1, zero2, zero3, megatron)" in str(e.value)
     assert "\n" not in str(e.value)
 
 
@@ -130,8 +130,8 @@ def test_forward_backward_accumulates_every_micro_batch_and_hands_loss_fn_its_in
 def test_export_refuses_a_backend_it_does_not_have(tmp_path):
     from mmgen.checkpoint.export import consolidated_state_dict
 
-    (tmp_path / "meta.json").write_text(json.dumps({"step": 1, "backend": "megatron", "world_size": 2}))
-    with pytest.raises(ValueError, match="written by backend 'megatron', which this mmgen does not have"):
+    (tmp_path / "meta.json").write_text(json.dumps({"step": 1, "backend": "colossal", "world_size": 2}))
+    with pytest.raises(ValueError, match="written by backend 'colossal', which this mmgen does not have"):
         consolidated_state_dict(tmp_path)
 
 

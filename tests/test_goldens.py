@@ -24,7 +24,7 @@ GOLDENS = ROOT / "tests" / "goldens"
 WORKER = GOLDENS / "worker.py"
 RTOL = 2e-5
 ONE_PROCESS = ("single", "accum2")
-TWO_PROCESSES = ("ddp", "zero2", "fsdp2")
+TWO_PROCESSES = ("ddp", "zero2", "fsdp2", "megatron")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_layouts_agree_with_each_other(curves):
     the same step-1 loss (identical weights, only the fp32 summation order differs)."""
     first = {case: c["curve"][0]["loss/total"] for case, c in curves.items()}
     ref = first["ddp"]
-    for case in ("zero2", "fsdp2"):
+    for case in ("zero2", "fsdp2", "megatron"):
         assert abs(first[case] - ref) <= 1e-5 * abs(ref), first
     # 1 process x grad_accum 2 reads the same global batches as 2 processes (data streams)
     for a, b in zip(curves["accum2"]["curve"], curves["ddp"]["curve"]):

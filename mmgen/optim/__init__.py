@@ -54,14 +54,20 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether parameter ``name`` takes weight decay: 2-D+ weights except embedding tables
+    (the one rule, also for backends that group parameters themselves, e.g. megatron)."""
+    is_table = "embed" in name.lower() or name.endswith("pos.weight")
+    return p.ndim >= 2 and not is_table
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay 2-D+ weights except embedding tables; never decay norms and biases."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_table = "embed" in name.lower() or name.endswith("pos.weight")
-        (decay if p.ndim >= 2 and not is_table else no_decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -54,6 +54,13 @@ class ParallelConfig:
         ds_config: optional path of a DeepSpeed JSON whose fields override what mmgen builds
             from the fields above (each overridden field is logged as a warning; unknown keys
             stop the run at start-up).
+        tp: tensor-parallel degree (``parallel=megatron`` only; docs/megatron.md).
+        pp: pipeline-parallel degree (megatron only; 1F1B over ``trainer.grad_accum``
+            micro-batches).
+        sequence_parallel: megatron: split the residual stream's sequence over the TP ranks
+            between the tensor-parallel regions (needs tp > 1).
+        distributed_optimizer: megatron: shard optimizer states and fp32 master weights over
+            the data-parallel ranks (megatron's DistributedOptimizer).
     """
 
     name: str = "ddp"
@@ -76,6 +83,10 @@ class ParallelConfig:
     stage3_max_live_parameters: int = 1_000_000_000
     stage3_max_reuse_distance: int = 1_000_000_000
     ds_config: str = ""
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
 
     @property
     def is_zero(self) -> bool:
@@ -114,6 +125,16 @@ class ParallelConfig:
                     "stage3_max_live_parameters", "stage3_max_reuse_distance"):
             if getattr(self, key) < 0:
                 raise ValueError(f"parallel.{key} must be >= 0, got {getattr(self, key)}")
+        if min(self.tp, self.pp) < 1:
+            raise ValueError(f"parallel.tp={self.tp} and parallel.pp={self.pp} must be >= 1")
+        megatron_only = {"tp": self.tp > 1, "pp": self.pp > 1, "sequence_parallel": self.sequence_parallel,
+                         "distributed_optimizer": self.distributed_optimizer}
+        if self.name != "megatron" and any(megatron_only.values()):
+            used = [k for k, v in megatron_only.items() if v]
+            raise ValueError(f"parallel.{used[0]} needs parallel=megatron (parallel.name is '{self.name}')")
+        if self.sequence_parallel and self.tp < 2:
+            raise ValueError("parallel.sequence_parallel=true splits the sequence over tensor-parallel ranks: "
+                             "it needs parallel.tp >= 2")
         if self.ds_config:
             if not self.is_zero:
                 raise ValueError(f"parallel.ds_config is a DeepSpeed JSON; it needs parallel=zero1|zero2|zero3, "
@@ -121,3 +142,11 @@ class ParallelConfig:
             from mmgen.parallel.ds_config import load_user_config
 
             load_user_config(self.ds_config)  # unknown or mmgen-owned keys: one line, at start-up
+
+    def validate_model(self, model, seq_len: int) -> None:
+        """Checks between this layout and the architecture (megatron: heads, KV heads and FFN
+        width divisible by TP, layers by PP, the sequence by the SP degree); ValueError, one line."""
+        if self.name == "megatron":
+            from mmgen.parallel.megatron.checks import check_model
+
+            check_model(self, model, seq_len)

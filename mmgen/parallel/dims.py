@@ -52,9 +52,19 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg, world_size: int, rank: int) -> "ParallelDims":
-        """The layout ``cfg`` (a ParallelConfig) asks for on ``world_size`` ranks: every backend
-        of today is data-parallel over all ranks."""
-        return cls(world_size=world_size, rank=rank, dp=world_size)
+        """The layout ``cfg`` (a ParallelConfig) asks for on ``world_size`` ranks: data
+        parallelism over what tensor and pipeline parallelism (megatron) leave.
+
+        Raises:
+            ConfigError: ``tp * pp`` does not divide the world size (one line; exit 2).
+        """
+        from mmgen.errors import ConfigError
+
+        tp, pp = getattr(cfg, "tp", 1), getattr(cfg, "pp", 1)
+        if world_size % (tp * pp):
+            raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size "
+                              f"{world_size}: the degrees must multiply to it (dp = world / (tp * pp))")
+        return cls(world_size=world_size, rank=rank, dp=world_size // (tp * pp), tp=tp, pp=pp)
 
     @property
     def dp_rank(self) -> int:

@@ -25,6 +25,7 @@ BACKENDS: dict[str, str] = {
     "zero1": "mmgen.parallel.deepspeed",
     "zero2": "mmgen.parallel.deepspeed",
     "zero3": "mmgen.parallel.deepspeed",
+    "megatron": "mmgen.parallel.megatron",
 }
 
 

@@ -76,7 +76,11 @@ class JobConfig:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
                               f"{tokenizer.vocab_size} ids")
         self._validate_heads()
-        sharded = self.parallel.name in ("zero3", "fsdp2")
+        try:
+            self.parallel.validate_model(m, d.seq_len)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        sharded = self.parallel.name in ("zero3", "fsdp2", "megatron")
         if sharded and (self.trainer.sample_every or self.trainer.eval_at_end):
             raise ConfigError("trainer.sample_every / trainer.eval_at_end sample on rank 0 alone, which needs the "
                               f"whole model: not available under parallel={self.parallel.name} (use `mmgen sample` / "

@@ -35,6 +35,7 @@ CASES = {
     "ddp": (2, []),
     "zero2": (2, ["parallel=zero2"]),
     "fsdp2": (2, ["parallel=fsdp2"]),
+    "megatron": (2, ["parallel=megatron"]),   # TP=1 x DP=2: megatron DDP, optimizer, schedule
 }
 KEYS = ("loss/text", "loss/visual", "loss/total", "optim/grad_norm", "optim/lr")
 

@@ -1,0 +1,48 @@
+# Start-up checks of a megatron layout against the architecture: pure arithmetic, no megatron import.
+"""Called from the job's validation (``ParallelConfig.validate_model``), before any process
+group or model exists, so a layout that cannot work stops the run with one line and exit 2.
+That the degrees multiply to the world size is checked where the world is known
+(``ParallelDims.from_config``)."""
+from __future__ import annotations
+
+import dataclasses
+
+# the ModelConfig fields this backend maps; a field added later (biases, rope scaling, ...) is
+# accepted only at its default value, so nothing is silently dropped from the megatron form
+MAPPED_FIELDS = frozenset({
+    "name", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "patch_dim", "max_grid",
+    "visual_pos", "rope_theta", "norm_eps", "qk_norm", "tie_embeddings", "init_std", "attention",
+    "timestep_dim", "block", "heads"})
+
+
+def check_model(parallel, model, seq_len: int) -> None:
+    """Raise ValueError (one line) when ``model`` cannot be split as ``parallel`` asks.
+
+    Args:
+        parallel: the ParallelConfig (``tp``, ``pp``, ``sequence_parallel``).
+        model: the ModelConfig.
+        seq_len: ``data.seq_len`` (packed row length).
+    """
+    tp, pp = parallel.tp, parallel.pp
+    defaults = type(model)()
+    for field in dataclasses.fields(model):
+        value = getattr(model, field.name)
+        if field.name not in MAPPED_FIELDS and value != getattr(defaults, field.name):
+            raise ValueError(f"parallel=megatron does not map model.{field.name}={value!r} yet (only its default "
+                             f"{getattr(defaults, field.name)!r}); use parallel=ddp|fsdp2 for this model")
+    if model.block != "dense":
+        raise ValueError(f"parallel=megatron builds dense blocks only, not model.block='{model.block}'")
+    for name in ("n_heads", "n_kv_heads", "ffn_dim"):
+        value = getattr(model, name)
+        if value % tp:
+            raise ValueError(f"model.{name}={value} is not divisible by parallel.tp={tp} (tensor parallelism "
+                             f"splits {'heads' if 'heads' in name else 'FFN units'} over the TP ranks)")
+    if model.n_layers % pp:
+        raise ValueError(f"model.n_layers={model.n_layers} is not divisible by parallel.pp={pp} (each pipeline "
+                         f"stage holds the same number of blocks)")
+    if pp > 1 and model.tie_embeddings:
+        raise ValueError("model.tie_embeddings=true with parallel.pp > 1 is not supported (the embedding and the "
+                         "LM head live on different pipeline stages)")
+    if parallel.sequence_parallel and seq_len % tp:
+        raise ValueError(f"data.seq_len={seq_len} is not divisible by the sequence-parallel degree "
+                         f"parallel.tp={tp} (parallel.sequence_parallel=true splits the sequence over TP ranks)")

@@ -1,0 +1,189 @@
+# The megatron backend's 2-rank cases in one torchrun launch: TP/SP/PP parity, checkpoints, export.
+"""Run by tests/test_megatron.py as
+``torchrun --nproc-per-node 2 tests/megatron_worker.py --shapes DIR --out DIR``.
+
+Each case trains through the real Trainer (the code path of ``mmgen-train``). TP=2, TP=2+SP and
+PP=2 on 2 ranks are one data-parallel rank, so they read the one-process data stream and must
+reproduce tests/goldens/single.json. One launch: ``import megatron.core`` costs 8-14 s a process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmgen.cli.preflight import compose_job  # noqa: E402
+from mmgen.parallel.dist import DistInfo, barrier, init_distributed  # noqa: E402
+from tests.goldens.worker import BASE, curve  # noqa: E402
+
+MEGATRON = ["parallel=megatron"]
+
+
+class Cases:
+    def __init__(self, shapes: Path, out: Path, dist: DistInfo):
+        self.shapes, self.out, self.dist = shapes, out, dist
+        self.results: dict = {}
+
+    def trainer(self, name: str, overrides: list[str]):
+        from mmgen.trainer.trainer import Trainer
+
+        job = compose_job([*BASE, "data.num_workers=0", *overrides, f"data.train_shards={self.shapes}/train",
+                           f"data.val_shards={self.shapes}/val", f"run_dir={self.out / name}", f"name={name}"])
+        if self.dist.is_main:
+            Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+        barrier()
+        return Trainer(job, self.dist)
+
+    def record(self, name: str, **values) -> None:
+        self.results.setdefault(name, {}).update(values)
+
+    def train_curve(self, name: str, overrides: list[str]):
+        t = self.trainer(name, overrides)
+        t.train()
+        if self.dist.is_main:
+            self.record(name, curve=curve(self.out / name / "metrics.jsonl"))
+        barrier()
+        return t
+
+    # -- cases --------------------------------------------------------------------------
+    def compat(self) -> None:
+        """The CPU compatibility layer's megatron sources are what it was written for; a changed
+        one is named (checked here: this process has imported megatron anyway)."""
+        from mmgen.parallel.megatron import cpu_compat
+
+        try:
+            cpu_compat.check_megatron_sources()
+            ok = None
+        except RuntimeError as e:
+            ok = str(e)
+        target = "megatron.core.optimizer.clip_grads:get_grad_norm_fp32"
+        saved = dict(cpu_compat.PATCHED)
+        cpu_compat.PATCHED[target] = "a fragment no megatron has"
+        try:
+            cpu_compat.check_megatron_sources()
+            tampered = None
+        except RuntimeError as e:
+            tampered = str(e)
+        finally:
+            cpu_compat.PATCHED.clear()
+            cpu_compat.PATCHED.update(saved)
+        self.record("compat", error=ok, tampered=tampered, target=target)
+
+    def tp2(self) -> None:
+        """TP=2 (dp=1): the one-process golden, 20 steps."""
+        t = self.train_curve("tp2", [*MEGATRON, "parallel.tp=2"])
+        self.record("tp2", dims=t.engine.dims.degrees(),
+                    local_qkv_rows=t.engine.stage.layers[0].attention.linear_qkv.weight.shape[0])
+
+    def tp2_sp(self) -> None:
+        self.train_curve("tp2_sp", [*MEGATRON, "parallel.tp=2", "parallel.sequence_parallel=true"])
+
+    def pp2(self) -> None:
+        """PP=2 with 2 micro-batches per step (1F1B), against the grad_accum=2 golden."""
+        t = self.train_curve("pp2", [*MEGATRON, "parallel.pp=2", "trainer.grad_accum=2"])
+        self.record("pp2", layer_ids=[list(t.engine.stage.layer_ids)], first=t.engine.stage.first)
+
+
+    def reshard(self) -> None:
+        """Weights saved at TP=2 (dist_checkpointing), loaded at TP=1 x DP=2: the same logits."""
+        from mmgen.checkpoint.export import consolidated_state_dict
+
+        t = self.trainer("reshard_tp2", [*MEGATRON, "parallel.tp=2", "trainer.steps=3", "checkpoint.enabled=true",
+                                         "checkpoint.every=3"])
+        t.train()
+        batch = next(iter(t.loader)).to(t.dist.device)
+        with torch.no_grad():
+            before = t.engine.model(batch)["lm"]
+        ckpt = self.out / "reshard_tp2" / "checkpoints" / "step_0000003"
+        engine_state = t.engine.model_state_dict()
+        del t
+        t1 = self.trainer("reshard_tp1", [*MEGATRON, "checkpoint.enabled=false"])
+        t1.engine.load_weights(ckpt)
+        with torch.no_grad():
+            after = t1.engine.model(batch)["lm"]
+        self.record("reshard", max_abs_diff=float((before - after).abs().max()), logits_scale=float(before.abs().max()),
+                    tp1_dims=t1.engine.dims.degrees())
+        if self.dist.is_main:  # export: one plain state dict, no process group
+            exported = consolidated_state_dict(ckpt)
+            self.record("reshard", export_equal=_equal(exported, engine_state))
+        barrier()
+
+    def resume(self) -> None:
+        """megatron DDP + distributed optimizer (DP=2): a run resumed at step 2 continues bit for bit."""
+        extra = [*MEGATRON, "parallel.distributed_optimizer=true", "trainer.steps=4", "checkpoint.enabled=true",
+                 "checkpoint.every=2"]
+        self.train_curve("resume_a", extra)
+        if self.dist.is_main:
+            src = self.out / "resume_a" / "checkpoints" / "step_0000002"
+            shutil.copytree(src, self.out / "resume_b_src" / "step_0000002")
+        barrier()
+        t = self.train_curve("resume_b", [*extra, f"checkpoint.resume={self.out / 'resume_b_src' / 'step_0000002'}"])
+        self.record("resume", dims=t.engine.dims.degrees(), start_step=2)
+
+    def from_ddp(self) -> None:
+        """checkpoint.init_from a DDP run into megatron TP=2; the megatron checkpoint exports the same weights."""
+        from mmgen.checkpoint.export import consolidated_state_dict
+
+        self.trainer("ddp_src", ["parallel=ddp", "trainer.steps=2", "checkpoint.enabled=true",
+                                 "checkpoint.every=2"]).train()
+        ddp_ckpt = self.out / "ddp_src" / "checkpoints" / "step_0000002"
+        t = self.trainer("from_ddp", [*MEGATRON, "parallel.tp=2", "checkpoint.enabled=true",
+                                      f"checkpoint.init_from={ddp_ckpt}"])
+        t.save_checkpoint()
+        barrier()
+        if self.dist.is_main:
+            ddp = consolidated_state_dict(ddp_ckpt)
+            back = consolidated_state_dict(self.out / "from_ddp" / "checkpoints" / "step_0000000")
+            meta = json.loads((self.out / "from_ddp" / "checkpoints" / "step_0000000" / "meta.json").read_text())
+            self.record("from_ddp", equal=_equal(ddp, back), meta={k: meta.get(k) for k in ("backend", "parallel")},
+                        versions=meta.get("versions", {}))
+        barrier()
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+ORDER = ["compat", "tp2", "tp2_sp", "pp2", "reshard", "resume", "from_ddp"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only", default=",".join(ORDER))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    dist = init_distributed("cpu", "gloo", 5.0)
+    cases = Cases(args.shapes, args.out, dist)
+    timings, failed = {}, None
+    for name in [c for c in ORDER if c in args.only.split(",")]:
+        t0 = time.time()
+        try:
+            getattr(cases, name)()
+        except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
+            failed = f"case {name} on rank {dist.rank}:\n{traceback.format_exc()}"
+            print(failed, file=sys.stderr, flush=True)
+            break
+        timings[name] = round(time.time() - t0, 2)
+    if dist.is_main:
+        cases.results["_timings"] = timings
+        cases.results["_failed"] = failed
+        (args.out / "results.json").write_text(json.dumps(cases.results, indent=1))
+    if failed:
+        os._exit(1)  # the other rank may wait in a collective forever
+
+
+if __name__ == "__main__":
+    main()
