@@ -319,12 +319,14 @@ class Trainer:
         stats = collect_router_stats(self.engine.module)
         if not stats:
             return {}
-        keys = ("load", "kept", "tokens", "entropy_sum")
-        flat = torch.cat([stats[layer][k].reshape(-1).float() for layer in sorted(stats) for k in keys])
+        # the same layers and keys on every rank (one model, one code path): one all-reduce
+        keys = ("load", "kept", "tokens", "entropy_sum", "modality_load")
+        flat = torch.cat([stats[layer][k].reshape(-1).float() for layer in sorted(stats) for k in keys
+                          if k in stats[layer]])
         flat = all_reduce_sum(flat.to(self.dist.device), self.engine.dp_group).cpu()
         at = 0
         for layer in sorted(stats):
-            for k in keys:
+            for k in [k for k in keys if k in stats[layer]]:
                 n = stats[layer][k].numel()
                 stats[layer][k] = flat[at:at + n].view(stats[layer][k].shape)
                 at += n
