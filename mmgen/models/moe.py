@@ -195,6 +195,10 @@ class Experts(nn.Module):
             impl: ``loop`` or ``grouped``; default the module's ``moe_experts_impl``.
         """
         impl = impl or self.impl
+        if x.shape[0] == 0:
+            # no rows (an expert-parallel rank may get none): still connected to x and the
+            # weights, so the backward runs the same collectives on every rank
+            return x.new_zeros(0, self.w2.shape[-1]) + 0 * (self.w1.sum() + self.w3.sum() + self.w2.sum() + x.sum())
         if impl == "loop":
             return self._loop(x, counts)
         if _grouped_mm_ok(x, self.w1, self.w2):
