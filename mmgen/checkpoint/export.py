@@ -166,4 +166,8 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, trust: bool = F
     device = next(model.parameters()).device
     # a dense checkpoint into a modality-tower model: its block weights start every tower
     state = expand_dense_state(state, model.state_dict().keys())
+    # a dense checkpoint into an MoE model: experts start as copies of its FFNs (upcycling)
+    from mmgen.models.moe import upcycle_state_dict
+
+    state = upcycle_state_dict(model, state)
     model.load_state_dict({k: v.to(device) for k, v in state.items()})

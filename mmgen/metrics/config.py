@@ -19,6 +19,10 @@ class MetricsConfig:
         wandb_job_type: W&B job type (``train``; e.g. ``eval`` or ``bench`` for other runs).
         progress: show a progress bar on rank 0.
         peak_tflops: accelerator peak for MFU; 0 = detect (H100/H200 bf16 dense: 989).
+        router_dead_intervals: MoE: warn when an expert gets no tokens in this many consecutive
+            log intervals (0: never).
+        router_heatmap_every: MoE: steps between per-expert load heat maps (``router/load``
+            image, ``runs/<name>/router/``; taken at the next log step; 0: never).
     """
 
     wandb: bool = False
@@ -31,9 +35,13 @@ class MetricsConfig:
     tags: list[str] = field(default_factory=list)
     progress: bool = True
     peak_tflops: float = 0.0
+    router_dead_intervals: int = 3
+    router_heatmap_every: int = 100
 
     def validate(self) -> None:
         if not (math.isfinite(self.peak_tflops) and self.peak_tflops >= 0):
             raise ValueError(f"metrics.peak_tflops must be a finite number >= 0 (0 = detect), got {self.peak_tflops}")
+        if self.router_dead_intervals < 0 or self.router_heatmap_every < 0:
+            raise ValueError("metrics.router_dead_intervals and metrics.router_heatmap_every must be >= 0")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"metrics.wandb_mode='{self.wandb_mode}' must be offline, online or disabled")

@@ -18,6 +18,11 @@ Counting rules (one convention, so numbers compare across families, layouts and 
   Pairs follow the rule of ``mmgen/models/attention.py`` (same document, causal, plus full
   attention inside a span); the self-pair a padding position keeps (so no softmax row is
   empty) is not counted.
+* Mixture-of-Experts layers (``mmgen/models/moe.py``) count **active** parameters only: per
+  non-padding position the router (``2 d E``), ``top_k`` routed experts and the shared experts
+  (``3 * 2 d moe_ffn_dim`` each), whatever the number of experts. Assignments a capacity
+  factor drops are still counted (the batch does not say which), so MFU under token dropping
+  is a slight overestimate; dropless runs count exactly.
 * Training = forward + backward = 3 x forward (the backward computes gradients with respect
   to the inputs and to the weights, each costing one forward). Recomputation by activation
   checkpointing is work the hardware does, not model FLOPs: MFU does not rise when it is on.
@@ -33,6 +38,7 @@ import torch
 
 from mmgen.batch import IGNORE_INDEX, MultimodalBatch
 from mmgen.models.config import ModelConfig
+from mmgen.models.moe import moe_layer_ids
 
 # forward + backward (inputs and weights); see the module docstring
 TRAINING_MULTIPLIER = 3
@@ -144,8 +150,15 @@ def forward_flops(cfg: ModelConfig, work: BatchWork) -> dict[str, int]:
     q_width, kv_width = cfg.n_heads * hd, cfg.n_kv_heads * hd
     per_position = (2 * d * q_width + 2 * 2 * d * kv_width + 2 * q_width * d   # q, k, v, o
                     + 3 * 2 * d * cfg.ffn_dim)                                # SwiGLU w1, w3, w2
+    linear = cfg.n_layers * per_position * work.tokens
+    n_moe = len(moe_layer_ids(cfg))
+    if n_moe:
+        # an MoE layer swaps the dense SwiGLU for router + the experts a token actually runs
+        hidden = cfg.moe_ffn_dim or cfg.ffn_dim
+        moe_ffn = 2 * d * cfg.moe_experts + (cfg.moe_top_k + cfg.moe_shared_experts) * 3 * 2 * d * hidden
+        linear += n_moe * (moe_ffn - 3 * 2 * d * cfg.ffn_dim) * work.tokens
     return {
-        "linear": cfg.n_layers * per_position * work.tokens,
+        "linear": linear,
         "attention": cfg.n_layers * 2 * 2 * hd * cfg.n_heads * work.attention_pairs,
         "text_head": 2 * d * cfg.vocab_size * work.text_targets,
         "visual_in": 2 * cfg.patch_dim * d * work.visual_positions,

@@ -15,6 +15,7 @@ PANELS = [  # (title, key prefixes or keys, log scale)
     ("learning rate", ("optim/lr",), False),
     ("grad norm", ("optim/grad_norm",), True),
 ]
+# MoE runs also get <report>_router.png: the per-expert load heat map of the last record
 
 
 def read_metrics(path: Path) -> tuple[dict[int, dict], list[int]]:
@@ -101,7 +102,22 @@ def draw_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    draw_router_report(by_step, out)
     return out
+
+
+def draw_router_report(by_step: dict[int, dict], out: Path) -> Path | None:
+    """MoE runs: the last logged per-expert load (``router/L<i>/load/e<j>``) as a heat map next
+    to the report (``<out stem>_router.png``); None for a run without router metrics."""
+    from mmgen.metrics.router import draw_heatmap, loads_from_record
+
+    for step in sorted(by_step, reverse=True):
+        found = loads_from_record(by_step[step])
+        if found is not None:
+            layers, shares = found
+            return draw_heatmap(shares, layers, out.with_name(f"{out.stem}_router.png"),
+                                f"expert load at step {step}")
+    return None
 
 
 def cmd_report(a) -> None:

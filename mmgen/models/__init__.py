@@ -30,6 +30,19 @@ FLAVORS: dict[str, ModelConfig] = {
     # the 1b shape with two towers: ~1.2B active parameters per position, ~2.3B in all
     "mot_1b": ModelConfig(name="mot_1b", dim=2048, n_layers=22, n_heads=16, n_kv_heads=16,
                           ffn_dim=5632, vocab_size=32000, block="mot", tower_split="role"),
+    # the debug shape with an MoE FFN in every other layer (4 experts, top-2, one shared expert,
+    # aux-free bias on): every MoE code path in seconds on a CPU
+    "moe_debug": ModelConfig(name="moe_debug", n_layers=2, block="moe", moe_experts=4, moe_top_k=2,
+                             moe_ffn_dim=96, moe_shared_experts=1, moe_every=1, moe_bias_update_rate=0.001),
+    # modality towers whose FFNs are MoE (MoT x MoE): the mot_debug shape, 4 experts top-2 per tower
+    "motmoe_debug": ModelConfig(name="motmoe_debug", block="motmoe", tower_split="role", moe_experts=4,
+                                moe_top_k=2, moe_ffn_dim=96, moe_every=1),
+    # 8 experts, top-2, MoE in every layer: 1.01B active / 3.43B total trunk parameters
+    # (mmgen.models.moe.active_params; + 0.13B embedding and LM head), d=2048 like the 1b
+    # flavor, 16 layers, experts 4096 wide (Mixtral's recipe at ~1/13 of its active size)
+    "moe_8x": ModelConfig(name="moe_8x", dim=2048, n_layers=16, n_heads=16, n_kv_heads=8,
+                          ffn_dim=4096, vocab_size=32000, block="moe", moe_experts=8, moe_top_k=2,
+                          moe_every=1),
 }
 
 

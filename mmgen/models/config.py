@@ -50,6 +50,23 @@ class ModelConfig:
             ``rope_high_freq_factor`` and ``rope_original_max_len``).
         from_hf: a Hugging Face model directory whose ``config.json`` the ``hf`` flavor reads
             (``model=hf:<dir>``, docs/pretrained.md); empty for every other flavor.
+        moe_experts: routed experts per MoE FFN; 0 (default) = no MoE anywhere (``block=moe``
+            needs > 0). See ``mmgen/models/moe.py``.
+        moe_top_k: experts each token is routed to.
+        moe_score: router scores, "softmax" or "sigmoid" (DeepSeek-V3).
+        moe_norm_topk: renormalise the chosen scores to sum to 1 (needed for upcycling to
+            reproduce the dense FFN).
+        moe_ffn_dim: hidden width of each expert (0: ``ffn_dim``).
+        moe_shared_experts: experts every token goes through besides its routed ones.
+        moe_every: an MoE FFN on layers ``i % moe_every == 0`` (dense SwiGLU elsewhere).
+        moe_capacity_factor: 0 = dropless; > 0 = each expert takes at most
+            ``ceil(factor * tokens * top_k / experts)`` assignments, the rest are dropped.
+        moe_aux_loss_weight, moe_z_loss_weight: default weights of the ``moe_balance`` and
+            ``moe_z`` losses in the total (an ``objective.weights`` entry overrides).
+        moe_bias_update_rate: DeepSeek-V3 aux-loss-free balancing: per optimizer step each
+            expert's selection bias moves by this towards balance (0: off).
+        moe_experts_impl: "grouped" (``torch._grouped_mm`` or padded ``bmm``) or "loop" (the
+            Python loop reference).
     """
 
     name: str = "debug"
@@ -83,6 +100,19 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
     from_hf: str = ""
+    # Mixture-of-Experts (off by default: moe_experts=0)
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_score: str = "softmax"
+    moe_norm_topk: bool = True
+    moe_ffn_dim: int = 0
+    moe_shared_experts: int = 0
+    moe_every: int = 1
+    moe_capacity_factor: float = 0.0
+    moe_aux_loss_weight: float = 0.01
+    moe_z_loss_weight: float = 0.001
+    moe_bias_update_rate: float = 0.0
+    moe_experts_impl: str = "grouped"
 
     @property
     def head_dim(self) -> int:
@@ -130,4 +160,25 @@ class ModelConfig:
                 0 < self.rope_low_freq_factor < self.rope_high_freq_factor and self.rope_original_max_len > 0):
             raise ValueError("model.rope_scaling=llama3 needs 0 < rope_low_freq_factor < rope_high_freq_factor "
                              "and rope_original_max_len > 0")
+        self._validate_moe()
         return self
+
+    def _validate_moe(self) -> None:
+        if self.moe_experts < 0:
+            raise ValueError(f"model.moe_experts must be >= 0, got {self.moe_experts}")
+        if self.block in ("moe", "motmoe") and self.moe_experts == 0:
+            raise ValueError(f"model.block={self.block} needs model.moe_experts > 0")
+        if self.moe_experts == 0:
+            return
+        if not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(f"model.moe_top_k={self.moe_top_k} must be in [1, moe_experts={self.moe_experts}]")
+        if self.moe_score not in ("softmax", "sigmoid"):
+            raise ValueError(f"model.moe_score='{self.moe_score}' not in ('softmax', 'sigmoid')")
+        if self.moe_experts_impl not in ("grouped", "loop"):
+            raise ValueError(f"model.moe_experts_impl='{self.moe_experts_impl}' not in ('grouped', 'loop')")
+        for name in ("moe_ffn_dim", "moe_shared_experts", "moe_capacity_factor", "moe_aux_loss_weight",
+                     "moe_z_loss_weight", "moe_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.moe_every < 1:
+            raise ValueError(f"model.moe_every must be >= 1, got {self.moe_every}")

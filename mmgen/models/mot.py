@@ -181,14 +181,19 @@ class MoTBlock(nn.Module):
     num_towers = NUM_TOWERS
     build_ffn: Callable[[ModelConfig], nn.Module] = staticmethod(dense_ffn)
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
-        self.towers = nn.ModuleList(TowerLayer(cfg, type(self).build_ffn)
-                                    for _ in range(self.num_towers))
+        build_ffn = self.ffn_for_layer(cfg, layer_id)
+        self.towers = nn.ModuleList(TowerLayer(cfg, build_ffn) for _ in range(self.num_towers))
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.copy_init = cfg.tower_init == "copy"
         if cfg.freeze_text_tower:
             self.towers[TEXT_TOWER].requires_grad_(False)
+
+    @classmethod
+    def ffn_for_layer(cls, cfg: ModelConfig, layer_id: int) -> Callable[[ModelConfig], nn.Module]:
+        """The FFN factory of block ``layer_id`` (a subclass may vary it by layer)."""
+        return cls.build_ffn
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: AttentionMask, kv: LayerKV | None = None,

@@ -25,13 +25,14 @@ from mmgen.models.attention import AttentionMask
 from mmgen.models.config import ModelConfig
 from mmgen.models.kv_cache import KVCache, LayerKV
 from mmgen.models.layers import Attention, RMSNorm, SwiGLU
-from mmgen.models.mot import MoTBlock, TowerRouting
+from mmgen.models.moe import MoEBlock, MoEFeedForward
+from mmgen.models.mot import MoTBlock, TowerRouting, dense_ffn
 
 
 class TransformerBlock(nn.Module):
     """Dense pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.norm_eps,
@@ -51,16 +52,29 @@ class TransformerBlock(nn.Module):
         self.feed_forward.init_weights(std, out_std)
 
 
-# `model.block=<name>`: an MoE or modality-tower block registers here, with the same protocol
+class MoTMoEBlock(MoTBlock):
+    """Modality towers whose FFNs are token-routed experts (MoT x MoE): each tower's FFN is an
+    :class:`~mmgen.models.moe.MoEFeedForward` on the layers ``i % moe_every == 0`` (the dense
+    SwiGLU elsewhere); its router sees only that tower's tokens."""
+
+    @classmethod
+    def ffn_for_layer(cls, cfg: ModelConfig, layer_id: int):
+        return MoEFeedForward if layer_id % cfg.moe_every == 0 else dense_ffn
+
+
+# `model.block=<name>`: an MoE or modality-tower block registers here, with the same protocol;
+# built as BLOCKS[name](cfg, layer_id=i) (an MoE block is dense on the layers moe_every skips)
 BLOCKS: dict[str, type[nn.Module]] = {
     "dense": TransformerBlock,
     "mot": MoTBlock,
+    "moe": MoEBlock,
+    "motmoe": MoTMoEBlock,
 }
 
 
 def build_blocks(cfg: ModelConfig) -> nn.ModuleList:
     """``cfg.n_layers`` blocks of kind ``cfg.block`` (the model's ``layers``)."""
-    return nn.ModuleList(BLOCKS[cfg.block](cfg) for _ in range(cfg.n_layers))
+    return nn.ModuleList(BLOCKS[cfg.block](cfg, layer_id=i) for i in range(cfg.n_layers))
 
 
 def run_trunk(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor,

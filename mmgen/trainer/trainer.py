@@ -19,6 +19,7 @@ from mmgen.data.streams import stream_index
 from mmgen.metrics.flops import training_flops
 from mmgen.metrics.logger import MetricsLogger, detect_peak_tflops
 from mmgen.models import build_model, num_params
+from mmgen.models.moe import aux_loss_weights, collect_router_stats, moe_layer_ids, step_loads, update_expert_bias
 from mmgen.models.tokenizers import build_tokenizer
 from mmgen.objectives import build_objective, weighted_total
 from mmgen.optim import build_scheduler
@@ -160,6 +161,12 @@ class Trainer:
             config=dataclasses.asdict(job), total_steps=job.trainer.steps,
             tags=[job.model.name, job.objective.name, job.parallel.name, job.data.name])
         self.metrics.set_progress(self.state.step)
+        self.router_monitor = None
+        if moe_layer_ids(job.model):
+            from mmgen.metrics.router import RouterMonitor
+
+            self.router_monitor = RouterMonitor(job.metrics.router_dead_intervals,
+                                                log_bias=job.model.moe_bias_update_rate > 0)
 
     def maybe_resume(self) -> None:
         path = self.ckpt.resume_path()
@@ -223,7 +230,8 @@ class Trainer:
         job = self.job.trainer
         step = self.state.step
         if step % job.log_every == 0 or step == end:
-            self.metrics.log(step, {**stats, **self.perf_stats(self.window), **self.data_stats()})
+            self.metrics.log(step, {**stats, **self.perf_stats(self.window), **self.data_stats(),
+                                    **self.router_stats(step)})
             self.window = new_window()
         self.log_samples()
         preempted, out_of_time = self.stop_flags()
@@ -281,7 +289,9 @@ class Trainer:
         local = torch.tensor([[float(c[n]) for n in names] for c in counts]).sum(0)
         # data-parallel peers hold different positions; tensor/pipeline peers the same ones
         denominators = dict(zip(names, all_reduce_sum(local.to(self.dist.device), dp_group).clamp(min=1)))
-        seed, step, weights = self.job.trainer.seed, self.state.step + 1, self.job.objective.weights
+        seed, step = self.job.trainer.seed, self.state.step + 1
+        # MoE auxiliary losses get model.moe_*_weight unless objective.weights names them
+        weights = {**aux_loss_weights(self.job.model), **self.job.objective.weights}
 
         def loss_fn(model, batch, micro: int) -> dict[str, torch.Tensor]:
             self.generator.manual_seed(noise_seed(seed, step, self.stream(micro)))
@@ -300,12 +310,55 @@ class Trainer:
         else:
             grad_norm = float("nan")
             self.skip_nonfinite_step()
+        self.update_expert_bias(math.isfinite(stats["loss/total"]))
         self.scheduler.step()
         self.state.tokens_seen += int(reduced[-1])
         self.state.visual_positions_seen += int(denominators.get("visual", torch.tensor(0)))
         stats.update({"optim/grad_norm": grad_norm, "optim/lr": lr, "_tokens": float(reduced[-1]),
                       "optim/nonfinite_steps": self.state.nonfinite_steps})
         return stats
+
+    def update_expert_bias(self, stepped: bool) -> None:
+        """MoE aux-loss-free balancing, once per optimizer step: the step's per-expert loads
+        summed over data-parallel peers (so every replica's bias moves alike); the counters
+        reset whether or not the update was applied."""
+        if self.router_monitor is None:
+            return
+        loads = step_loads(self.engine.module)
+        rate = self.job.model.moe_bias_update_rate
+        if loads is not None and rate > 0 and stepped:
+            loads = all_reduce_sum(loads.to(self.dist.device), self.engine.dp_group)
+        update_expert_bias(self.engine.module, loads, rate if stepped else 0.0)
+
+    def router_stats(self, step: int) -> dict:
+        """MoE router metrics of the log interval (mmgen.metrics.router), counters summed over
+        data-parallel peers; every ``metrics.router_heatmap_every`` steps a load heat map."""
+        if self.router_monitor is None:
+            return {}
+        stats = collect_router_stats(self.engine.module)
+        if not stats:
+            return {}
+        # the same layers and keys on every rank (one model, one code path): one all-reduce
+        keys = ("load", "kept", "tokens", "entropy_sum", "modality_load")
+        flat = torch.cat([stats[layer][k].reshape(-1).float() for layer in sorted(stats) for k in keys
+                          if k in stats[layer]])
+        flat = all_reduce_sum(flat.to(self.dist.device), self.engine.dp_group).cpu()
+        at = 0
+        for layer in sorted(stats):
+            for k in [k for k in keys if k in stats[layer]]:
+                n = stats[layer][k].numel()
+                stats[layer][k] = flat[at:at + n].view(stats[layer][k].shape)
+                at += n
+        out = self.router_monitor.metrics(stats, step)
+        every = self.job.metrics.router_heatmap_every
+        last = getattr(self, "_last_heatmap", 0)
+        if self.dist.is_main and every and step - last >= every:
+            path = self.router_monitor.heatmap(self.run_dir / "router" / f"step_{step:07d}.png",
+                                               f"{self.job.name}: expert load at step {step}")
+            if path is not None:
+                self.metrics.log_image(step, "router/load", path)
+                self._last_heatmap = step
+        return out
 
     def skip_nonfinite_step(self) -> None:
         self.engine.skip_step()
