@@ -82,3 +82,17 @@ def test_init_from_a_dense_checkpoint_upcycles(tmp_path):
         got, ref = moe(batch), dense(batch)
     torch.testing.assert_close(got["lm"], ref["lm"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["flow"], ref["flow"], rtol=1e-5, atol=1e-6)
+
+
+def test_motmoe_debug_trains_with_experts_per_tower(shapes_dir, tmp_path):
+    # MoT x MoE: each tower's FFN is an MoE; its router statistics are logged per tower
+    args = ["model=motmoe_debug", "trainer.steps=4", "checkpoint.every=100", "trainer.log_every=2"]
+    trainer = make_trainer(shapes_dir, tmp_path / "m", args)
+    model = trainer.engine.module
+    assert type(model.layers[0]).__name__ == "MoTMoEBlock"
+    assert all(type(t.feed_forward).__name__ == "MoEFeedForward" for t in model.layers[0].towers)
+    trainer.train()
+    last = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["loss/moe_balance"] > 0 and torch.isfinite(torch.tensor(last["loss/total"]))
+    for key in ("router/L0/imbalance", "router/L0/T1/imbalance"):
+        assert key in last, sorted(k for k in last if k.startswith("router/"))

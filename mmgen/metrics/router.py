@@ -53,7 +53,8 @@ class RouterMonitor:
             load = s["load"].double().cpu()
             total = float(load.sum())
             e = load.numel()
-            p = f"router/L{layer}"
+            # a key >= 1000 is a second MoE FFN of one layer (modality towers: tower = key // 1000)
+            p = f"router/L{layer % 1000}" + (f"/T{layer // 1000}" if layer >= 1000 else "")
             if total > 0:
                 share = load / total
                 for j in range(e):
