@@ -198,7 +198,7 @@ def cmd_index(a) -> None:
     for p in shard_paths(a.shards)[0]:
         by_dir.setdefault(os.path.dirname(os.path.abspath(p)), []).append(p)
     for folder, paths in sorted(by_dir.items()):
-        index = build_index(paths, a.name)
+        index = build_index(paths, a.name, offsets=not a.no_offsets)
         target = os.path.join(folder, INDEX_NAME)
         tmp = target + ".tmp"
         with open(tmp, "w") as f:
@@ -379,9 +379,12 @@ def add_data_commands(subparsers) -> None:
     ck.add_argument("--strict", action="store_true", help="exit 1 on any problem, not only unusable shards")
     ck.set_defaults(func=cmd_check)
 
-    ix = data.add_parser("index", help="write sample counts per shard (shardindex.json) next to the shards")
+    ix = data.add_parser("index", help="write sample counts per shard (shardindex.json) and sample "
+                                       "byte ranges (<shard>.offsets.json) next to the shards")
     ix.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns (or several joined by '::')")
     ix.add_argument("--name", default="")
+    ix.add_argument("--no-offsets", action="store_true",
+                    help="do not write <shard>.offsets.json (sample byte ranges for remote reading)")
     ix.set_defaults(func=cmd_index)
 
     st = data.add_parser("stats", help="sample counts, sizes, member types, caption lengths, video "

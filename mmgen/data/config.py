@@ -50,6 +50,47 @@ class SourceConfig:
 
 
 @dataclass
+class RemoteConfig:
+    """Reading shards from object stores, HTTP and ``pipe:`` commands (mmgen/data/remote.py).
+
+    Args:
+        connect_timeout_s, read_timeout_s: per request; a stalled connection fails after
+            ``read_timeout_s`` without data (then it is retried like any transient failure).
+        retries: further attempts after a transient failure (timeout, dropped connection,
+            HTTP 5xx, short read), with ``backoff_s * 2**attempt`` seconds between them. A
+            missing shard (404, no such key) is not retried.
+        max_consecutive_failures: a reader that finds this many shards in a row unreachable
+            stops the run with one error line (the store or network is down); 0 = never.
+        use_index: read by byte ranges when ``mmgen data index`` stored offsets next to the
+            shards; else (or False) a shard is spooled to local disk and read from there.
+        spool_dir: where spooled shards live while read ("" = the system temp dir).
+        cache_dir: keep spooled shards here for later epochs and other workers of the node
+            ("" = no cache); ``cache_max_gb`` caps it (least recently used evicted first).
+    """
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    retries: int = 3
+    backoff_s: float = 1.0
+    max_consecutive_failures: int = 8
+    use_index: bool = True
+    spool_dir: str = ""
+    cache_dir: str = ""
+    cache_max_gb: float = 50.0
+
+    def validate(self) -> None:
+        if not (self.connect_timeout_s > 0 and self.read_timeout_s > 0):
+            raise ValueError(f"data config: remote timeouts must be > 0, got connect "
+                             f"{self.connect_timeout_s}, read {self.read_timeout_s}")
+        if self.retries < 0 or self.backoff_s < 0 or self.max_consecutive_failures < 0:
+            raise ValueError(f"data config: remote.retries ({self.retries}), backoff_s "
+                             f"({self.backoff_s}) and max_consecutive_failures "
+                             f"({self.max_consecutive_failures}) must be >= 0")
+        if self.cache_max_gb <= 0:
+            raise ValueError(f"data config: remote.cache_max_gb must be > 0, got {self.cache_max_gb}")
+
+
+@dataclass
 class DataConfig:
     name: str = "shapes"
     # A directory of *.tar, a glob, a brace pattern (shapes-{000000..000009}.tar), or several
@@ -79,6 +120,8 @@ class DataConfig:
     video_clip_start: str = "random"   # random (hash of seed and key) | start | center
     # -- interleaved documents -----------------------------------------------------------------
     max_images_per_doc: int = 8     # images after this many are dropped (counted)
+    # -- remote shards (http(s)://, s3://, gs://, pipe:) ---------------------------------------
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def visual_codec(self) -> VisualCodec:
         """The codec that turns this data's pixels into span payloads."""
@@ -145,6 +188,7 @@ class DataConfig:
              f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         need(self.max_images_per_doc >= 1,
              f"max_images_per_doc must be >= 1, got {self.max_images_per_doc}")
+        self.remote.validate()
         if not self.sources:
             need(bool(self.train_shards), "train_shards is empty")
         for name, src in self.sources.items():

@@ -49,7 +49,7 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
                 log.info("data: source %r has weight 0: not read (%s shards %r not opened)",
                          name, split, pattern)
             continue
-        sources.append(_Source(name, sc.type, pattern, expand_shards(pattern)))
+        sources.append(_Source(name, sc.type, pattern, expand_shards(pattern, remote=cfg.remote)))
     if not sources:
         raise ValueError(f"data: no source of data config '{cfg.name}' with a weight above 0 "
                          f"has {split} shards")

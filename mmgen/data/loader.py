@@ -39,6 +39,7 @@ from mmgen.data.pack import (BatchPacker, Document, build_document, build_interl
                              build_video_document, choose_task, collate)
 from mmgen.data.resume import (STATE_VERSION, check_compatible, check_rank_set,
                                fresh_source_state, resplit, upgrade)
+from mmgen.data.remote import ShardUnavailable, is_remote, open_remote_shard, shard_name
 from mmgen.data.sources import (ShardFile, epoch_items, reader_index,
                                 sample_order, shard_fingerprint)
 from mmgen.data.stats import loader_stats
@@ -55,7 +56,7 @@ class _Source:
 
     @property
     def names(self) -> list[str]:
-        return [os.path.basename(s) for s in self.shards]
+        return [shard_name(s) for s in self.shards]   # local or remote: the same file names
 
 
 @dataclass
@@ -73,6 +74,15 @@ class _Layout:
 
     def reader(self, worker: int) -> int:
         return reader_index(self.stream, self.num_streams, worker)
+
+
+def shard_cache(cfg: DataConfig):
+    """The node's shard cache (``data.remote.cache_dir``), or None."""
+    if not cfg.remote.cache_dir:
+        return None
+    from mmgen.data.cache import ShardCache
+
+    return ShardCache.shared(cfg.remote.cache_dir, int(cfg.remote.cache_max_gb * 2**30))
 
 
 def _fresh_worker_state(sources: list[_Source]) -> dict:
@@ -111,6 +121,7 @@ class _SourceReader:
         # empty-epoch detection (only for epochs this object starts from their beginning)
         self._epoch_fresh = self.plan is None and (self.cursor["shard"], self.cursor["offset"]) == (0, 0)
         self._epoch_reads = self._epoch_docs = self._empty_epochs = 0
+        self._failures_in_a_row = 0              # unreachable remote shards, reset by a read
 
     def counters(self) -> dict:
         out = {"samples_read": self.samples_read, "skipped": dict(self.skips.counts)}
@@ -178,8 +189,24 @@ class _SourceReader:
         if self._file is None or self._file[0] != shard:
             if self._file is not None:
                 self._file[1].close()
-            self._file = (shard, ShardFile(self.src.shards[shard]))
+            self._file = None
+            path = self.src.shards[shard]
+            self._file = (shard, open_remote_shard(path, self.cfg.remote, shard_cache(self.cfg))
+                          if is_remote(path) else ShardFile(path))
         return self._file[1]
+
+    def _unreachable(self, exn: ShardUnavailable) -> None:
+        """A remote shard failed after its retries: skip it for this epoch (counted, logged with
+        its URL); the stream goes on with the next shard, so every rank still yields its
+        batches. Too many in a row means the store is down: one clear error."""
+        self.skips.skip(dec.UNREACHABLE_SHARD, exn.url, "-", exn.reason)
+        self._failures_in_a_row += 1
+        limit = self.cfg.remote.max_consecutive_failures
+        if limit and self._failures_in_a_row >= limit:
+            raise RuntimeError(
+                f"data: {self._failures_in_a_row} shards in a row unreachable for source "
+                f"{self.src.name!r} (last: {exn.url}: {exn.reason}); check the store and the "
+                f"network, or raise data.remote.max_consecutive_failures ({limit})")
 
     def _sub_order(self, epoch: int, shard: int, slot: int, stride: int, sf: ShardFile) -> list[int]:
         key = (epoch, shard, slot, stride)
@@ -192,7 +219,12 @@ class _SourceReader:
     def next_doc(self) -> Document:
         while True:
             epoch, shard, slot, stride = self._item()
-            sf = self._shard_file(shard)
+            try:
+                sf = self._shard_file(shard)
+            except ShardUnavailable as exn:
+                self._unreachable(exn)
+                self._advance()
+                continue
             order = self._sub_order(epoch, shard, slot, stride, sf)
             k = self.cursor["offset"]
             if k >= len(order):
@@ -205,6 +237,11 @@ class _SourceReader:
             self._epoch_reads += 1
             try:
                 raw = sf.load(order[k])
+                self._failures_in_a_row = 0
+            except ShardUnavailable as exn:   # a remote read failed after its retries
+                self._unreachable(exn)
+                self.cursor["offset"] = len(order)
+                continue
             except OSError as exn:   # the file changed or vanished: lose the rest of this shard
                 self.skips.skip(dec.SHARD_ERROR, sf.path, "-", str(exn))
                 self.cursor["offset"] = len(order)
