@@ -141,3 +141,19 @@ def test_gcs_without_gcsfs_is_one_clear_line():
 
     with pytest.raises(ConfigError, match="gs:// shards need gcsfs"):
         expand_shards("gs://bucket/shards/*.tar")
+
+
+def test_data_check_and_stats_accept_remote_patterns(shards, capsys):
+    from tests.test_data_check import _run
+
+    with ShardHTTPServer(str(shards)) as srv:
+        pattern = f"{srv.url}/train/shapes-train-{{000000..000004}}.tar"   # 000004 is missing
+        code, out = _run(capsys, "data", "check", pattern)
+        assert code == 1, out
+        assert f"{srv.url}/train/{NAMES[0]}: 10 samples, 10 ok" in out
+        assert f"{srv.url}/train/shapes-train-000004.tar: unreachable_shard:" in out
+        assert "checked 5 shards, 40 samples: 40 ok" in out
+        code, out = _run(capsys, "data", "stats", f"{srv.url}/train/{BRACE}", "--sample", "0")
+        assert code == 0 and "samples: 40" in out and "4 from shardindex.json" in out
+        code, out = _run(capsys, "data", "stats", f"{srv.url}/train/*.tar", "--sample", "3")
+        assert code == 0 and "samples: 40" in out and "caption characters" in out, out

@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -37,7 +38,7 @@ from typing import Any, Callable
 
 import braceexpand
 
-from mmgen.errors import ConfigError
+from mmgen.errors import ConfigError, ShardUnavailable  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,6 @@ def shard_name(path: str) -> str:
     if is_remote(path):
         return posixpath.basename(path.split("?")[0])
     return os.path.basename(path)
-
-
-class ShardUnavailable(OSError):
-    """A shard that could not be read after the configured retries (or is missing)."""
-
-    def __init__(self, url: str, reason: str):
-        super().__init__(f"{url}: {reason}")
-        self.url, self.reason = url, reason
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +349,24 @@ class SpooledShard:
             os.remove(self._local)
         if self._cache is not None:
             self._cache.release(self.path)
+
+
+@contextlib.contextmanager
+def local_copy(path: str, cfg):
+    """A local file holding shard ``path`` for the offline tools (``mmgen data check / stats``):
+    the path itself when local, else a temporary download removed afterwards. Raises
+    ShardUnavailable."""
+    if not is_remote(path):
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(prefix="mmgen-shard-", suffix=shard_name(path), dir=cfg.spool_dir or None)
+    os.close(fd)
+    try:
+        download(path, tmp, cfg)
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def open_remote_shard(url: str, cfg, cache=None):
