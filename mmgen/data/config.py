@@ -108,6 +108,9 @@ class DataConfig:
     seed: int = 0
     shuffle_samples: bool = True
     tokenizer: str = "bytes"
+    # compute-balanced packing (README.md): 0 = by positions only; f in (0, 1] closes a batch
+    # before the document that would take its estimated FLOPs above f x a reference batch
+    pack_compute_budget: float = 0.0
     prefetch_factor: int = 2        # batches prefetched per worker (num_workers > 0 only)
     pin_memory: bool = True         # page-locked batches (async host-to-GPU copy); CUDA only
     # -- several sources (empty: one pair source `name` from train_shards / val_shards) ------
@@ -189,6 +192,8 @@ class DataConfig:
         need(self.max_images_per_doc >= 1,
              f"max_images_per_doc must be >= 1, got {self.max_images_per_doc}")
         self.remote.validate()
+        need(0.0 <= self.pack_compute_budget <= 1.0,
+             f"pack_compute_budget must be in [0, 1] (0 = pack by positions), got {self.pack_compute_budget}")
         if not self.sources:
             need(bool(self.train_shards), "train_shards is empty")
         for name, src in self.sources.items():

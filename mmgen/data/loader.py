@@ -35,8 +35,9 @@ from mmgen.data import decode as dec
 from mmgen.batch import MultimodalBatch
 from mmgen.data.config import PAIR, VIDEO, DataConfig
 from mmgen.data.mixing import Mixer
-from mmgen.data.pack import (BatchPacker, Document, build_document, build_interleaved_document,
-                             build_video_document, choose_task, collate)
+from mmgen.data.pack import (BatchPacker, Document, DocumentCost, build_document,
+                             build_interleaved_document, build_video_document, choose_task,
+                             collate)
 from mmgen.data.resume import (STATE_VERSION, check_compatible, check_rank_set,
                                fresh_source_state, resplit, upgrade)
 from mmgen.data.remote import ShardUnavailable, is_remote, open_remote_shard, shard_name
@@ -313,9 +314,9 @@ class PackedBatchDataset(IterableDataset):
     state; ``role_offset`` rotates DataLoader worker ids onto logical workers."""
 
     def __init__(self, cfg: DataConfig, tokenizer, sources: list[_Source], weights: dict,
-                 layout: _Layout):
+                 layout: _Layout, cost: DocumentCost | None = None):
         self.cfg, self.tokenizer, self.sources, self.weights = cfg, tokenizer, sources, weights
-        self.layout = layout
+        self.layout, self.cost = layout, cost
         self.start: list[dict] = [_fresh_worker_state(sources) for _ in range(layout.num_workers)]
         self.role_offset = 0
         self.resplits = 0
@@ -332,7 +333,7 @@ class PackedBatchDataset(IterableDataset):
         worker = self._logical_worker()
         mixer = _WorkerMixer(self.cfg, self.tokenizer, self.sources, self.weights, self.layout,
                               worker, self.start[worker], self.resplits)
-        packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)
+        packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len, self.cost)
         payload_dim = self.cfg.visual_codec().payload_dim
         while True:
             before = mixer.state()
@@ -343,7 +344,7 @@ class PackedBatchDataset(IterableDataset):
             batch = packer.build(self.tokenizer.pad, payload_dim)
             batch.meta["data_state"] = {"worker": worker, "state": before}
             yield batch
-            packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)
+            packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len, self.cost)
             packer.add(doc)
 
 
@@ -361,10 +362,10 @@ class MultimodalLoader:
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, sources: list[_Source], weights: dict,
-                 layout: _Layout, split_name: str):
+                 layout: _Layout, split_name: str, cost: DocumentCost | None = None):
         self.cfg, self.tokenizer, self.sources, self.weights = cfg, tokenizer, sources, weights
         self.layout, self.split_name = layout, split_name
-        self.dataset = PackedBatchDataset(cfg, tokenizer, sources, weights, layout)
+        self.dataset = PackedBatchDataset(cfg, tokenizer, sources, weights, layout, cost)
         self._workers = copy.deepcopy(self.dataset.start)
         self._rotation = 0          # the logical worker whose batch is due next
         self._batches = 0

@@ -16,7 +16,7 @@ from mmgen.checkpoint.manager import CheckpointManager
 from mmgen.trainer.job import JobConfig
 from mmgen.data import build_dataloader
 from mmgen.data.streams import stream_index
-from mmgen.metrics.flops import training_flops
+from mmgen.metrics.flops import training_flops, unit_costs
 from mmgen.metrics.logger import MetricsLogger, detect_peak_tflops
 from mmgen.models import build_model, num_params
 from mmgen.models.tokenizers import build_tokenizer
@@ -121,7 +121,8 @@ class Trainer:
         # data-parallel peers read different data; tensor/pipeline peers the same
         self.loader = build_dataloader(self.job.data, self.tokenizer, self.dims.dp_rank,
                                        self.dims.dp, split="train",
-                                       grad_accum=self.job.trainer.grad_accum)
+                                       grad_accum=self.job.trainer.grad_accum,
+                                       unit_costs=unit_costs(self.job.model))  # compute-balanced packing
         self.data_iter = None
         self.key_log = None
 
