@@ -15,6 +15,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet: the tests read server.requests instead
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        # headers and body go out in separate writes: without this, Nagle + delayed ACK add
+        # ~40 ms to every small reply (a real object store answers a range in a few ms)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def do_HEAD(self) -> None:
         self._serve(head=True)
 

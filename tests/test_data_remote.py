@@ -157,3 +157,11 @@ def test_data_check_and_stats_accept_remote_patterns(shards, capsys):
         assert code == 0 and "samples: 40" in out and "4 from shardindex.json" in out
         code, out = _run(capsys, "data", "stats", f"{srv.url}/train/*.tar", "--sample", "3")
         assert code == 0 and "samples: 40" in out and "caption characters" in out, out
+
+
+def test_credentials_in_a_shard_url_are_refused():
+    cfg = DataConfig(train_shards="https://me:s3cret@data.example.com/shards/{0..9}.tar")
+    with pytest.raises(ConfigError, match="credentials in its URL") as e:
+        cfg.validate()
+    assert "s3cret" not in str(e.value)
+    DataConfig(train_shards="https://data.example.com/x.tar?v=1").validate()   # a query is fine

@@ -63,6 +63,8 @@ class RemoteConfig:
             stops the run with one error line (the store or network is down); 0 = never.
         use_index: read by byte ranges when ``mmgen data index`` stored offsets next to the
             shards; else (or False) a shard is spooled to local disk and read from there.
+        read_ahead: byte-range reads kept in flight ahead of the reader (the next samples of
+            its order); 0 = one request at a time.
         spool_dir: where spooled shards live while read ("" = the system temp dir).
         cache_dir: keep spooled shards here for later epochs and other workers of the node
             ("" = no cache); ``cache_max_gb`` caps it (least recently used evicted first).
@@ -74,6 +76,7 @@ class RemoteConfig:
     backoff_s: float = 1.0
     max_consecutive_failures: int = 8
     use_index: bool = True
+    read_ahead: int = 8
     spool_dir: str = ""
     cache_dir: str = ""
     cache_max_gb: float = 50.0
@@ -82,10 +85,11 @@ class RemoteConfig:
         if not (self.connect_timeout_s > 0 and self.read_timeout_s > 0):
             raise ValueError(f"data config: remote timeouts must be > 0, got connect "
                              f"{self.connect_timeout_s}, read {self.read_timeout_s}")
-        if self.retries < 0 or self.backoff_s < 0 or self.max_consecutive_failures < 0:
+        if min(self.retries, self.backoff_s, self.max_consecutive_failures, self.read_ahead) < 0:
             raise ValueError(f"data config: remote.retries ({self.retries}), backoff_s "
-                             f"({self.backoff_s}) and max_consecutive_failures "
-                             f"({self.max_consecutive_failures}) must be >= 0")
+                             f"({self.backoff_s}), max_consecutive_failures "
+                             f"({self.max_consecutive_failures}) and read_ahead "
+                             f"({self.read_ahead}) must be >= 0")
         if self.cache_max_gb <= 0:
             raise ValueError(f"data config: remote.cache_max_gb must be > 0, got {self.cache_max_gb}")
 
@@ -192,6 +196,11 @@ class DataConfig:
         need(self.max_images_per_doc >= 1,
              f"max_images_per_doc must be >= 1, got {self.max_images_per_doc}")
         self.remote.validate()
+        from mmgen.data.remote import check_no_credentials
+
+        for name, src in self.source_configs().items():
+            check_no_credentials(src.shards, f"shards of source {name!r}")
+            check_no_credentials(src.val_shards, f"val_shards of source {name!r}")
         need(0.0 <= self.pack_compute_budget <= 1.0,
              f"pack_compute_budget must be in [0, 1] (0 = pack by positions), got {self.pack_compute_budget}")
         if not self.sources:

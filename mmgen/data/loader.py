@@ -236,6 +236,8 @@ class _SourceReader:
             self.cursor["offset"] = k + 1
             self.samples_read += 1
             self._epoch_reads += 1
+            if hasattr(sf, "prefetch"):   # remote byte ranges: keep the next reads in flight
+                sf.prefetch(order[k + 1:k + 1 + self.cfg.remote.read_ahead])
             try:
                 raw = sf.load(order[k])
                 self._failures_in_a_row = 0

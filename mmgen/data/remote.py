@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import selectors
 import shlex
 import subprocess
@@ -162,7 +163,9 @@ def expand_remote(part: str, cfg) -> list[str]:
         return list(braceexpand.braceexpand(part))
     out: list[str] = []
     for url in braceexpand.braceexpand(part):
-        if not (url.endswith("/") or any(c in url.split("://", 1)[1] for c in "*?[")):
+        # "?" starts an HTTP query string, so only "*" and "[" make an HTTP URL a glob
+        wild = "*[" if url.startswith(("http://", "https://")) else "*?["
+        if not (url.endswith("/") or any(c in url.split("://", 1)[1] for c in wild)):
             out.append(url)
             continue
         fs = filesystem(url, cfg)
@@ -182,6 +185,19 @@ def expand_remote(part: str, cfg) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Stage 5: read a remote shard
 # ----------------------------------------------------------------------------------------------
+
+_USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", re.I)
+
+
+def check_no_credentials(pattern: str, where: str) -> None:
+    """Refuse a shard URL with a password in it (``https://user:secret@host/...``): patterns are
+    written into the run's config.yaml, so secrets belong in the environment (netrc, AWS_*)."""
+    for part in pattern.split("::"):
+        if _USERINFO.match(part.strip()):
+            raise ConfigError(f"data config: {where} has credentials in its URL; they would be "
+                              f"written to the run records: give them through the environment "
+                              f"(~/.netrc, AWS_* variables, GOOGLE_APPLICATION_CREDENTIALS)")
+
 
 def _parent(url: str) -> str:
     return url.split("?")[0].rsplit("/", 1)[0]
@@ -281,15 +297,33 @@ class RangeShard:
         self.error = offsets.get("error")
         self._ranges = [(int(a), int(b)) for _, a, b in offsets["samples"]]
         self.samples = [TarSample(k) for k, _, _ in offsets["samples"]]
+        self._ahead: dict[int, Any] = {}       # sample index -> Future of its bytes
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def prefetch(self, indices: list[int]) -> None:
+        """Start reading ``indices`` (the next samples of the reader's order) in background
+        threads, ``remote.read_ahead`` at a time: one request per sample is latency-bound, a
+        few in flight are not. What is read does not depend on it, only when."""
+        if self.cfg.read_ahead <= 0:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.cfg.read_ahead, thread_name_prefix="mmgen-range")
+        for i in indices[:self.cfg.read_ahead]:
+            if i not in self._ahead:
+                a, b = self._ranges[i]
+                self._ahead[i] = self._pool.submit(read_range, self.path, a, b, self.cfg)
 
     def load(self, index: int) -> dict:
         from mmgen.data.sources import group_members, TarMember
 
         start, end = self._ranges[index]
-        data = read_range(self.path, start, end, self.cfg)
+        future = self._ahead.pop(index, None)
+        data = future.result() if future is not None else read_range(self.path, start, end, self.cfg)
         members = []
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -309,7 +343,12 @@ class RangeShard:
         return raw
 
     def close(self) -> None:
-        pass
+        for f in self._ahead.values():
+            f.cancel()
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 class SpooledShard:
