@@ -12,7 +12,7 @@ import pytest
 
 from mmgen.data import DataConfig, build_dataloader
 from mmgen.data.config import RemoteConfig
-from mmgen.errors import ConfigError
+from mmgen.errors import ConfigError, DataUnavailableError, one_line
 from mmgen.models.tokenizers.text import ByteTokenizer
 from tests.conftest import ROOT, run_cli
 from tests.remote_servers import ShardHTTPServer, start_s3
@@ -116,7 +116,7 @@ def test_repeated_failures_stop_with_one_line(tmp_path):
         cfg = DataConfig(train_shards=f"{srv.url}/x-{{0..4}}.tar", batch_size=2, seq_len=128,
                          num_workers=0, remote=RemoteConfig(**FAST, max_consecutive_failures=3))
         loader = build_dataloader(cfg, ByteTokenizer(), 0, 1)
-        with pytest.raises(RuntimeError) as e:
+        with pytest.raises(DataUnavailableError) as e:
             next(iter(loader))
     msg = str(e.value)
     assert "\n" not in msg and "3 shards in a row unreachable" in msg and "max_consecutive_failures" in msg
@@ -165,3 +165,12 @@ def test_credentials_in_a_shard_url_are_refused():
         cfg.validate()
     assert "s3cret" not in str(e.value)
     DataConfig(train_shards="https://data.example.com/x.tar?v=1").validate()   # a query is fine
+
+
+def test_a_worker_process_error_reads_as_its_one_line(tmp_path):
+    with ShardHTTPServer(str(tmp_path)) as srv:   # as above, through a DataLoader worker
+        cfg = DataConfig(train_shards=f"{srv.url}/x-{{0..4}}.tar", batch_size=2, seq_len=128,
+                         num_workers=1, remote=RemoteConfig(**FAST, max_consecutive_failures=2))
+        with pytest.raises(DataUnavailableError) as e:
+            next(iter(build_dataloader(cfg, ByteTokenizer(), 0, 1)))
+    assert one_line(e.value).startswith("data: 2 shards in a row unreachable for source")

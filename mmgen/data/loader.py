@@ -40,6 +40,7 @@ from mmgen.data.pack import (BatchPacker, Document, DocumentCost, build_document
                              collate)
 from mmgen.data.resume import (STATE_VERSION, check_compatible, check_rank_set,
                                fresh_source_state, resplit, upgrade)
+from mmgen.errors import DataUnavailableError
 from mmgen.data.remote import ShardUnavailable, is_remote, open_remote_shard, shard_name
 from mmgen.data.sources import (ShardFile, epoch_items, reader_index,
                                 sample_order, shard_fingerprint)
@@ -204,7 +205,7 @@ class _SourceReader:
         self._failures_in_a_row += 1
         limit = self.cfg.remote.max_consecutive_failures
         if limit and self._failures_in_a_row >= limit:
-            raise RuntimeError(
+            raise DataUnavailableError(
                 f"data: {self._failures_in_a_row} shards in a row unreachable for source "
                 f"{self.src.name!r} (last: {exn.url}: {exn.reason}); check the store and the "
                 f"network, or raise data.remote.max_consecutive_failures ({limit})")
