@@ -170,13 +170,13 @@ def remote_rows(root: str, pair_path: str, cfg, n: int, workers: int) -> dict:
     with ShardHTTPServer(root) as srv:
         url = f"{srv.url}/{os.path.basename(pair_path)}"
         for label, use_index in (("pair http ranges", True), ("pair http spooled", False)):
-            rc = RemoteConfig(use_index=use_index)
+            rc = RemoteConfig(ranges="always" if use_index else "never")
             t = time.perf_counter()
             sf = open_remote_shard(url, rc)
             assert isinstance(sf, RangeShard) == use_index
             for i in range(len(sf)):
                 if use_index:   # as the loader does: the next reads in flight
-                    sf.prefetch(list(range(i + 1, i + 1 + rc.read_ahead)))
+                    sf.prefetch(list(range(i + 1, min(len(sf), i + 1 + rc.read_ahead))))
                 sf.load(i)
             read = len(sf) / (time.perf_counter() - t)
             sf.close()

@@ -52,26 +52,28 @@ def runs(shards, tmp_path_factory) -> dict:
             http = f"{clean.url}/train/{BRACE}"
             cases = [
                 {"name": "local", "pattern": local, "workers": 1, "batches": BATCHES},
-                # byte ranges from the stored offsets; its checkpoint resumes on local files
+                # whole shards spooled; its checkpoint resumes on local files
                 {"name": "http", "pattern": http, "workers": 1, "batches": BATCHES,
                  "resume_at": 5, "resume_pattern": local, "remote": FAST},
-                # listed by a glob, spooled (no offsets); its checkpoint resumes over HTTP
+                # listed by a glob, spooled; its checkpoint resumes mid-shard over HTTP, where
+                # the rest of that shard is read by byte ranges from the stored offsets
                 {"name": "s3", "pattern": "s3://shards/train/*.tar", "workers": 0,
                  "batches": BATCHES, "resume_at": 7, "resume_pattern": http,
-                 "remote": {**FAST, "use_index": False}},
+                 "remote": FAST},
                 {"name": "faults", "pattern": f"{faulty.url}/train/shapes-train-{{000000..000004}}.tar",
                  "workers": 1, "batches": BATCHES, "remote": FAST},
             ]
             r = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone",
                          "--nproc_per_node", "2", str(ROOT / "tests" / "data_remote_worker.py"),
                          json.dumps(cases), str(out)], cwd=ROOT, timeout=240, env=env)
-            requests = list(faulty.requests)
+            requests, clean_requests = list(faulty.requests), list(clean.requests)
     finally:
         s3.stop()
     assert r.returncode == 0, r.stderr[-4000:]
     res = {c["name"]: [json.loads((out / f"{c['name']}_rank{k}.json").read_text()) for k in (0, 1)]
            for c in cases}
-    return {"results": res, "stderr": r.stderr, "faulty_url": faulty.url, "requests": requests}
+    return {"results": res, "stderr": r.stderr, "faulty_url": faulty.url, "requests": requests,
+            "clean_requests": clean_requests}
 
 
 def _keys(batches: list, epoch: int | None = None) -> list[str]:
@@ -92,6 +94,11 @@ def test_a_checkpoint_resumes_exactly_across_local_http_and_s3(runs):
     for rank in (0, 1):
         assert res["http"][rank]["resumed"] == res["local"][rank]["batches"]   # http -> local
         assert res["s3"][rank]["resumed"] == res["local"][rank]["batches"]     # s3 -> http
+    # whole shards went over HTTP as one request each; the shard resumed mid-way by ranges
+    gets = [(n, rng) for m, n, rng in runs["clean_requests"] if m == "GET"]
+    assert any(rng for n, rng in gets if n.endswith(".tar"))
+    assert any(n.endswith(".offsets.json") for n, _ in gets)
+    assert any(rng is None for n, rng in gets if n.endswith(".tar"))
 
 
 def test_faulty_shards_are_skipped_counted_and_named_without_a_hang(runs):

@@ -58,7 +58,7 @@ def test_lru_eviction_under_the_size_cap(shards, tmp_path):  # noqa: F811
 def test_loader_reads_later_epochs_from_the_cache(shards, tmp_path):  # noqa: F811
     with ShardHTTPServer(str(shards)) as srv:
         cfg = DataConfig(train_shards=f"{srv.url}/train/{BRACE}", batch_size=2, seq_len=128,
-                         num_workers=0, remote=RemoteConfig(**FAST, use_index=False,
+                         num_workers=0, remote=RemoteConfig(**FAST, ranges="never",
                                                             cache_dir=str(tmp_path / "cache")))
         it = iter(build_dataloader(cfg, ByteTokenizer(), 0, 1))
         epochs = set()

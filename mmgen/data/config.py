@@ -25,6 +25,7 @@ DOC_FRAME_TOKENS = 4
 PAIR, INTERLEAVED, VIDEO = "pair", "interleaved", "video"
 SAMPLE_TYPES = (PAIR, INTERLEAVED, VIDEO)
 CLIP_STARTS = ("random", "start", "center")
+RANGE_MODES = ("partial", "always", "never")
 
 
 @dataclass
@@ -61,8 +62,10 @@ class RemoteConfig:
             missing shard (404, no such key) is not retried.
         max_consecutive_failures: a reader that finds this many shards in a row unreachable
             stops the run with one error line (the store or network is down); 0 = never.
-        use_index: read by byte ranges when ``mmgen data index`` stored offsets next to the
-            shards; else (or False) a shard is spooled to local disk and read from there.
+        ranges: when to read by byte ranges from the offsets ``mmgen data index`` stored
+            next to the shards: "partial" (default) for a shard the reader reads only part of
+            (resumed mid-shard, or shared by readers taking every k-th sample), "always", or
+            "never"; otherwise a shard is spooled to local disk (one request) and read there.
         read_ahead: byte-range reads kept in flight ahead of the reader (the next samples of
             its order); 0 = one request at a time.
         spool_dir: where spooled shards live while read ("" = the system temp dir).
@@ -75,7 +78,7 @@ class RemoteConfig:
     retries: int = 3
     backoff_s: float = 1.0
     max_consecutive_failures: int = 8
-    use_index: bool = True
+    ranges: str = "partial"
     read_ahead: int = 8
     spool_dir: str = ""
     cache_dir: str = ""
@@ -90,6 +93,9 @@ class RemoteConfig:
                              f"({self.backoff_s}), max_consecutive_failures "
                              f"({self.max_consecutive_failures}) and read_ahead "
                              f"({self.read_ahead}) must be >= 0")
+        if self.ranges not in RANGE_MODES:
+            raise ValueError(f"data config: remote.ranges={self.ranges!r} is not one of "
+                             f"{', '.join(RANGE_MODES)}")
         if self.cache_max_gb <= 0:
             raise ValueError(f"data config: remote.cache_max_gb must be > 0, got {self.cache_max_gb}")
 

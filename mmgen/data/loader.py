@@ -187,14 +187,19 @@ class _SourceReader:
         in_plan = items is not None and self.cursor["shard"] < len(items)
         self.cursor["offset"] = int(items[self.cursor["shard"]][4]) if in_plan else 0
 
-    def _shard_file(self, shard: int) -> ShardFile:
+    def _shard_file(self, shard: int, stride: int = 1) -> ShardFile:
         if self._file is None or self._file[0] != shard:
             if self._file is not None:
                 self._file[1].close()
             self._file = None
             path = self.src.shards[shard]
-            self._file = (shard, open_remote_shard(path, self.cfg.remote, shard_cache(self.cfg))
-                          if is_remote(path) else ShardFile(path))
+            if is_remote(path):
+                # byte ranges pay only when part of the shard is read; whole ones are spooled
+                partial = stride > 1 or self.cursor["offset"] > 0
+                sf = open_remote_shard(path, self.cfg.remote, shard_cache(self.cfg), partial)
+            else:
+                sf = ShardFile(path)
+            self._file = (shard, sf)
         return self._file[1]
 
     def _unreachable(self, exn: ShardUnavailable) -> None:
@@ -222,7 +227,7 @@ class _SourceReader:
         while True:
             epoch, shard, slot, stride = self._item()
             try:
-                sf = self._shard_file(shard)
+                sf = self._shard_file(shard, stride)
             except ShardUnavailable as exn:
                 self._unreachable(exn)
                 self._advance()

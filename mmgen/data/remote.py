@@ -408,10 +408,19 @@ def local_copy(path: str, cfg):
             os.remove(tmp)
 
 
-def open_remote_shard(url: str, cfg, cache=None):
+def open_remote_shard(url: str, cfg, cache=None, partial: bool = False):
     """A ``ShardFile``-like reader of the remote shard ``url``: by byte ranges when its folder's
-    index lists stored offsets, else spooled. Raises ShardUnavailable."""
-    if not url.startswith("pipe:") and cfg.use_index:
+    index lists stored offsets and ``cfg.ranges`` asks for them ("always", or "partial" with
+    ``partial``: the reader needs only part of the shard), else spooled. Raises ShardUnavailable.
+
+    Args:
+        url: the shard's URL.
+        cfg: the ``RemoteConfig``.
+        cache: a ``ShardCache`` for spooled shards, or None.
+        partial: the reader starts mid-shard or takes every k-th sample of it.
+    """
+    want = cfg.ranges == "always" or (cfg.ranges == "partial" and partial)
+    if not url.startswith("pipe:") and want:
         entry = folder_index(url, cfg).get(shard_name(url))
         if entry and entry.get("offsets"):
             fs = filesystem(url, cfg)
