@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator

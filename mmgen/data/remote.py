@@ -99,7 +99,7 @@ def filesystem(url: str, cfg) -> Any:
         try:
             import s3fs  # noqa: F401
         except ImportError:
-            raise ConfigError(f"data: s3:// shards need s3fs (pip install 'mmgen[remote]')") from None
+            raise ConfigError("data: s3:// shards need s3fs (pip install 'mmgen[remote]')") from None
         # retries are ours (backoff, counted); botocore's own would multiply them
         fs = fsspec.filesystem("s3", skip_instance_cache=True, config_kwargs={
             "connect_timeout": cfg.connect_timeout_s, "read_timeout": cfg.read_timeout_s,
@@ -329,11 +329,11 @@ class RangeShard:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
                 for info in tar:
                     if info.isreg():
-                        members.append((TarMember(info.name, info.offset_data, info.size), tar))
+                        members.append(TarMember(info.name, info.offset_data, info.size))
         except (tarfile.TarError, EOFError) as exn:
             raise OSError(f"sample {index} of {self.path}: {_describe(exn)} (stale offsets? "
                           f"re-run `mmgen data index`)") from None
-        grouped = group_members([m for m, _ in members])
+        grouped = group_members(members)
         if len(grouped) != 1 or grouped[0].key != self.samples[index].key:
             raise OSError(f"sample {index} of {self.path} is not key {self.samples[index].key!r} "
                           f"(stale offsets? re-run `mmgen data index`)")
