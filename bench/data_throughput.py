@@ -153,6 +153,42 @@ def time_pipeline(path: str, kind: str, cfg, num_workers: int, docs: int) -> dic
             "positions_per_doc": positions * (1 - s["padding_fraction"]) / s["documents"]}
 
 
+def remote_rows(root: str, pair_path: str, cfg, n: int, workers: int) -> dict:
+    """The pair shard served over loopback HTTP (the tests' Range-capable server): read by
+    byte ranges from its stored offsets (``mmgen data index``), and spooled (no index)."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from mmgen.data.config import RemoteConfig
+    from mmgen.data.remote import RangeShard, open_remote_shard
+    from mmgen.data.tools.check import build_index
+    from tests.remote_servers import ShardHTTPServer
+
+    with open(os.path.join(root, "shardindex.json"), "w") as f:
+        json.dump(build_index([pair_path], offsets=True), f)
+    out = {}
+    with ShardHTTPServer(root) as srv:
+        url = f"{srv.url}/{os.path.basename(pair_path)}"
+        for label, use_index in (("pair http ranges", True), ("pair http spooled", False)):
+            rc = RemoteConfig(ranges="always" if use_index else "never")
+            t = time.perf_counter()
+            sf = open_remote_shard(url, rc)
+            assert isinstance(sf, RangeShard) == use_index
+            for i in range(len(sf)):
+                if use_index:   # as the loader does: the next reads in flight
+                    sf.prefetch(list(range(i + 1, min(len(sf), i + 1 + rc.read_ahead))))
+                sf.load(i)
+            read = len(sf) / (time.perf_counter() - t)
+            sf.close()
+            run = cfg.__class__(**{**cfg.__dict__, "remote": rc})
+            r = {"read": read, "decode": float("nan")}
+            r.update(time_pipeline(url, "pair", run, 0, int(n * 0.8)))
+            if workers > 1:
+                r[f"pipeline_{workers}w"] = time_pipeline(url, "pair", run, workers, int(n * 0.8))["docs_per_s"]
+            out[label] = r
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=1000)
@@ -163,6 +199,8 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=128, help="training image side (gpu_1b: 128)")
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--out", default="", help="keep the generated shards here")
+    p.add_argument("--no-remote", dest="remote", action="store_false",
+                   help="skip the rows that read the pair shard over loopback HTTP")
     a = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -186,13 +224,15 @@ def main(argv=None) -> None:
         if a.workers > 1:
             r[f"pipeline_{a.workers}w"] = time_pipeline(path, kind, cfg, a.workers, int(n * 0.8))["docs_per_s"]
         results[kind] = r
+    if a.remote:
+        results.update(remote_rows(root, pair_path, cfg, a.pairs, a.workers))
 
     print(f"\nper worker process (1 core; {os.cpu_count()} cores here, shared):")
-    print(f"{'':8} {'tar read/s':>11} {'+decode/s':>10} {'pipeline/s':>11} {'pos/doc':>8} {'padding':>8}"
+    print(f"{'':18} {'tar read/s':>11} {'+decode/s':>10} {'pipeline/s':>11} {'pos/doc':>8} {'padding':>8}"
           + (f" {str(a.workers) + ' workers/s':>12}" if a.workers > 1 else ""))
     for kind, r in results.items():
         extra = f" {r[f'pipeline_{a.workers}w']:12.0f}" if a.workers > 1 else ""
-        print(f"{kind:8} {r['read']:11.0f} {r['decode']:10.0f} {r['docs_per_s']:11.0f} "
+        print(f"{kind:18} {r['read']:11.0f} {r['decode']:10.0f} {r['docs_per_s']:11.0f} "
               f"{r['positions_per_doc']:8.0f} {r['padding']:8.1%}{extra}")
 
     print(f"\nGPU demand at {a.gpu_tokens_per_s:,.0f} positions/s (seq_len {cfg.seq_len}, padding as measured):")
@@ -200,7 +240,7 @@ def main(argv=None) -> None:
         per_doc = r["positions_per_doc"] / (1 - r["padding"])     # positions incl. padding
         need = a.gpu_tokens_per_s / per_doc
         workers = int(np.ceil(need / r["docs_per_s"]))
-        print(f"  {kind:6}: {need:6.0f} docs/s needed; one worker makes {r['docs_per_s']:.0f}/s "
+        print(f"  {kind:18}: {need:6.0f} docs/s needed; one worker makes {r['docs_per_s']:.0f}/s "
               f"-> {workers} worker process(es) per GPU keep up")
     print(json.dumps({"results": results, "jpeg_kb": jpeg_kb, "mp4_kb": mp4_kb}))
     if not a.out:

@@ -181,6 +181,24 @@ class MultimodalBatch:
         gathered = values[self.span_ids.clamp(min=0)]
         return torch.where(inside, gathered, torch.tensor(fill, dtype=values.dtype, device=values.device))
 
+    def document_sources(self, names: tuple[str, ...] | list[str]) -> torch.Tensor:
+        """``[B, L]`` long: at each position, the index in ``names`` of its document's data
+        source (``meta["source"]``, one entry per document, which ``document_ids`` index);
+        -1 for padding, a document without a source, or a source not in ``names``. ``names``
+        is the run's fixed source list, so the index means the same on every rank and batch
+        (``meta["source_names"]``, the span table's index, is per batch).
+
+        Args:
+            names: source names, e.g. the data config's sources in order.
+        """
+        per_doc = self.meta.get("source") or []
+        none = torch.full_like(self.document_ids, -1)
+        if not per_doc:           # sampler or hand-built batches carry no sources
+            return none
+        lookup = torch.tensor([names.index(s) if s in names else -1 for s in per_doc],
+                              dtype=torch.long, device=self.document_ids.device)
+        return torch.where(self.document_ids >= 0, lookup[self.document_ids.clamp(min=0)], none)
+
     def continuous_mask(self) -> torch.Tensor:
         """[B, L] bool: positions whose payload is a row of ``patches`` (row-major order)."""
         return self.span_values("kind", -1) == CONTINUOUS

@@ -62,6 +62,11 @@ metrics: {progress: false}
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert all(last[f"data/source/{s}/documents"] > 0 for s in ("photos", "docs", "clips"))
     assert "data/source/later/documents" not in last
+    # per-source losses of the mixture (loss/<name>/<source>); a source without positions of a
+    # loss in the step logs nothing for it rather than a 0
+    assert any(k.startswith("loss/text/") for k in last), sorted(last)
+    assert all(last[f"loss/text/{s}"] > 0 for s in ("photos", "docs", "clips") if f"loss/text/{s}" in last)
+    assert not any(k.startswith("loss/text/later") for k in last)
     log = (run / "logs" / "rank_0.log").read_text()
     assert "source 'later' has weight 0: not read" in log
     job = compose_job(["experiment=my_run", *cmd[4:]], config_dirs=[mine])

@@ -168,7 +168,7 @@ def cmd_check(a) -> None:
         print(rep.problems[0].line())
         print(rep.summary(), flush=True)
     for path in paths:
-        rep = check_shard(path, a.type)
+        rep = _check_one(path, a.type, check_shard, ShardReport, Problem)
         reports.append(rep)
         sample_problems = [p for p in rep.problems if p.key is not None]
         for p in [p for p in rep.problems if p.key is None] + sample_problems[:a.max_lines]:
@@ -191,16 +191,44 @@ def cmd_check(a) -> None:
         sys.exit(1)
 
 
+def _check_one(path: str, kind: str, check_shard, ShardReport, Problem):
+    """``check_shard`` of a local or remote shard (a remote one is downloaded to a temporary
+    file first; the report names the URL)."""
+    from mmgen.data.config import RemoteConfig
+    from mmgen.data.remote import ShardUnavailable, is_remote, local_copy
+
+    if not is_remote(path):
+        return check_shard(path, kind)
+    try:
+        with local_copy(path, RemoteConfig()) as local:
+            rep = check_shard(local, kind)
+    except ShardUnavailable as exn:
+        rep = ShardReport(path, unusable=f"unreachable: {exn.reason}")
+        rep.problems.append(Problem(path, None, "unreachable_shard", exn.reason))
+        return rep
+    rep.path = path
+    for p in rep.problems:
+        p.shard = path
+    return rep
+
+
 def cmd_index(a) -> None:
     import json
 
     from mmgen.data.tools.check import INDEX_NAME, build_index
 
+    from mmgen.data.remote import is_remote
+
     by_dir: dict[str, list[str]] = {}
-    for p in shard_paths(a.shards)[0]:
+    paths = shard_paths(a.shards)[0]
+    remote = [p for p in paths if is_remote(p)]
+    if remote:   # the index is written next to the shards, where they are made
+        raise ValueError(f"data index: {remote[0]} is remote; index the shards where they are "
+                         f"written, then upload the folder with its index files")
+    for p in paths:
         by_dir.setdefault(os.path.dirname(os.path.abspath(p)), []).append(p)
     for folder, paths in sorted(by_dir.items()):
-        index = build_index(paths, a.name)
+        index = build_index(paths, a.name, offsets=not a.no_offsets)
         target = os.path.join(folder, INDEX_NAME)
         tmp = target + ".tmp"
         with open(tmp, "w") as f:
@@ -222,6 +250,10 @@ def cmd_stats(a) -> None:
     from mmgen.data.decode import IMAGE_EXTS, VIDEO_EXTS
     from mmgen.data.sources import ShardFile
 
+    from mmgen.data.config import RemoteConfig
+    from mmgen.data.remote import folder_index, is_remote, local_copy, shard_name
+
+    rc = RemoteConfig()
     paths = shard_paths(a.shards)[0]
     total = size = 0
     indexed = 0
@@ -233,42 +265,50 @@ def cmd_stats(a) -> None:
     videos: list[dict] = []
     unreadable_videos = 0
     damaged = []
-    for path in paths:
-        size += os.path.getsize(path)
-        entry = read_index(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path))
-        sf = None
-        if entry is not None and entry.get("filesize") == os.path.getsize(path) and a.sample == 0:
-            total += int(entry["nsamples"])
-            indexed += 1
-            continue
-        sf = ShardFile(path)
-        total += len(sf)
-        if sf.error:
-            damaged.append(f"{os.path.basename(path)} ({sf.error})")
-        for s in sf.samples:
-            exts.update(list(s.members))
-        for i in range(min(a.sample, len(sf))):
-            m = sf.load(i)
-            types[detect_type(m)] += 1
-            cap = caption_of(m)
-            if cap is not None:
-                captions.append(len(cap))
-            ext = next((e for e in IMAGE_EXTS if e in m), None)
-            if ext:
-                try:
-                    with Image.open(io.BytesIO(m[ext])) as im:   # header only: cheap
-                        sides.append(min(im.size))
-                        image_sizes[f"{im.size[0]}x{im.size[1]}"] += 1
-                except Exception:  # noqa: BLE001 - check reports it; stats only counts
-                    pass
-            vext = next((e for e in VIDEO_EXTS if e in m), None)
-            if vext:
-                info = video_info(m[vext])
-                if info is None:
-                    unreadable_videos += 1
-                else:
-                    videos.append(info)
-        sf.close()
+    for url in paths:
+        if is_remote(url):
+            entry = folder_index(url, rc).get(shard_name(url)) if a.sample == 0 else None
+            if entry is not None:   # counts from the store's index, nothing downloaded
+                total += int(entry["nsamples"])
+                size += int(entry.get("filesize", 0))
+                indexed += 1
+                continue
+        with local_copy(url, rc) as path:
+            size += os.path.getsize(path)
+            entry = read_index(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path))
+            sf = None
+            if entry is not None and entry.get("filesize") == os.path.getsize(path) and a.sample == 0:
+                total += int(entry["nsamples"])
+                indexed += 1
+                continue
+            sf = ShardFile(path)
+            total += len(sf)
+            if sf.error:
+                damaged.append(f"{shard_name(url)} ({sf.error})")
+            for s in sf.samples:
+                exts.update(list(s.members))
+            for i in range(min(a.sample, len(sf))):
+                m = sf.load(i)
+                types[detect_type(m)] += 1
+                cap = caption_of(m)
+                if cap is not None:
+                    captions.append(len(cap))
+                ext = next((e for e in IMAGE_EXTS if e in m), None)
+                if ext:
+                    try:
+                        with Image.open(io.BytesIO(m[ext])) as im:   # header only: cheap
+                            sides.append(min(im.size))
+                            image_sizes[f"{im.size[0]}x{im.size[1]}"] += 1
+                    except Exception:  # noqa: BLE001 - check reports it; stats only counts
+                        pass
+                vext = next((e for e in VIDEO_EXTS if e in m), None)
+                if vext:
+                    info = video_info(m[vext])
+                    if info is None:
+                        unreadable_videos += 1
+                    else:
+                        videos.append(info)
+            sf.close()
     print(f"shards: {len(paths)} ({indexed} from {('shardindex.json')})   samples: {total:,}   "
           f"bytes: {size / 2**20:,.1f} MiB   per sample: {size / max(total, 1) / 1024:,.1f} KiB")
     if exts:
@@ -393,9 +433,12 @@ def add_data_commands(subparsers) -> None:
     ck.add_argument("--strict", action="store_true", help="exit 1 on any problem, not only unusable shards")
     ck.set_defaults(func=cmd_check)
 
-    ix = data.add_parser("index", help="write sample counts per shard (shardindex.json) next to the shards")
+    ix = data.add_parser("index", help="write sample counts per shard (shardindex.json) and sample "
+                                       "byte ranges (<shard>.offsets.json) next to the shards")
     ix.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns (or several joined by '::')")
     ix.add_argument("--name", default="")
+    ix.add_argument("--no-offsets", action="store_true",
+                    help="do not write <shard>.offsets.json (sample byte ranges for remote reading)")
     ix.set_defaults(func=cmd_index)
 
     st = data.add_parser("stats", help="sample counts, sizes, member types, caption lengths, video "

@@ -172,12 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+from mmgen.errors import ShardUnavailable  # noqa: E402
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ShardUnavailable) as e:   # a remote shard after retries
         print(f"mmgen: error: {e}", file=sys.stderr)
         sys.exit(2)
 

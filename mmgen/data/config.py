@@ -26,6 +26,7 @@ PAIR, INTERLEAVED, VIDEO = "pair", "interleaved", "video"
 SAMPLE_TYPES = (PAIR, INTERLEAVED, VIDEO)
 CLIP_STARTS = ("random", "start", "center")
 ENCODE_ON = ("workers", "device")
+RANGE_MODES = ("partial", "always", "never")
 
 
 @dataclass
@@ -51,6 +52,56 @@ class SourceConfig:
 
 
 @dataclass
+class RemoteConfig:
+    """Reading shards from object stores, HTTP and ``pipe:`` commands (mmgen/data/remote.py).
+
+    Args:
+        connect_timeout_s, read_timeout_s: per request; a stalled connection fails after
+            ``read_timeout_s`` without data (then it is retried like any transient failure).
+        retries: further attempts after a transient failure (timeout, dropped connection,
+            HTTP 5xx, short read), with ``backoff_s * 2**attempt`` seconds between them. A
+            missing shard (404, no such key) is not retried.
+        max_consecutive_failures: a reader that finds this many shards in a row unreachable
+            stops the run with one error line (the store or network is down); 0 = never.
+        ranges: when to read by byte ranges from the offsets ``mmgen data index`` stored
+            next to the shards: "partial" (default) for a shard the reader reads only part of
+            (resumed mid-shard, or shared by readers taking every k-th sample), "always", or
+            "never"; otherwise a shard is spooled to local disk (one request) and read there.
+        read_ahead: byte-range reads kept in flight ahead of the reader (the next samples of
+            its order); 0 = one request at a time.
+        spool_dir: where spooled shards live while read ("" = the system temp dir).
+        cache_dir: keep spooled shards here for later epochs and other workers of the node
+            ("" = no cache); ``cache_max_gb`` caps it (least recently used evicted first).
+    """
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    retries: int = 3
+    backoff_s: float = 1.0
+    max_consecutive_failures: int = 8
+    ranges: str = "partial"
+    read_ahead: int = 8
+    spool_dir: str = ""
+    cache_dir: str = ""
+    cache_max_gb: float = 50.0
+
+    def validate(self) -> None:
+        if not (self.connect_timeout_s > 0 and self.read_timeout_s > 0):
+            raise ValueError(f"data config: remote timeouts must be > 0, got connect "
+                             f"{self.connect_timeout_s}, read {self.read_timeout_s}")
+        if min(self.retries, self.backoff_s, self.max_consecutive_failures, self.read_ahead) < 0:
+            raise ValueError(f"data config: remote.retries ({self.retries}), backoff_s "
+                             f"({self.backoff_s}), max_consecutive_failures "
+                             f"({self.max_consecutive_failures}) and read_ahead "
+                             f"({self.read_ahead}) must be >= 0")
+        if self.ranges not in RANGE_MODES:
+            raise ValueError(f"data config: remote.ranges={self.ranges!r} is not one of "
+                             f"{', '.join(RANGE_MODES)}")
+        if self.cache_max_gb <= 0:
+            raise ValueError(f"data config: remote.cache_max_gb must be > 0, got {self.cache_max_gb}")
+
+
+@dataclass
 class DataConfig:
     name: str = "shapes"
     # A directory of *.tar, a glob, a brace pattern (shapes-{000000..000009}.tar), or several
@@ -73,6 +124,9 @@ class DataConfig:
     seed: int = 0
     shuffle_samples: bool = True
     tokenizer: str = "bytes"
+    # compute-balanced packing (README.md): 0 = by positions only; f in (0, 1] closes a batch
+    # before the document that would take its estimated FLOPs above f x a reference batch
+    pack_compute_budget: float = 0.0
     prefetch_factor: int = 2        # batches prefetched per worker (num_workers > 0 only)
     pin_memory: bool = True         # page-locked batches (async host-to-GPU copy); CUDA only
     # -- several sources (empty: one pair source `name` from train_shards / val_shards) ------
@@ -85,6 +139,8 @@ class DataConfig:
     video_clip_start: str = "random"   # random (hash of seed and key) | start | center
     # -- interleaved documents -----------------------------------------------------------------
     max_images_per_doc: int = 8     # images after this many are dropped (counted)
+    # -- remote shards (http(s)://, s3://, gs://, pipe:) ---------------------------------------
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def visual_codec(self) -> VisualCodec:
         """The codec that turns this data's pixels into span payloads."""
@@ -171,6 +227,14 @@ class DataConfig:
              f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         need(self.max_images_per_doc >= 1,
              f"max_images_per_doc must be >= 1, got {self.max_images_per_doc}")
+        self.remote.validate()
+        from mmgen.data.remote import check_no_credentials
+
+        for name, src in self.source_configs().items():
+            check_no_credentials(src.shards, f"shards of source {name!r}")
+            check_no_credentials(src.val_shards, f"val_shards of source {name!r}")
+        need(0.0 <= self.pack_compute_budget <= 1.0,
+             f"pack_compute_budget must be in [0, 1] (0 = pack by positions), got {self.pack_compute_budget}")
         if not self.sources:
             need(bool(self.train_shards), "train_shards is empty")
         for name, src in self.sources.items():

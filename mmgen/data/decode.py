@@ -37,6 +37,7 @@ CORRUPT_IMAGE = "corrupt_image"
 CORRUPT_TEXT = "corrupt_text"        # caption not UTF-8, or .json not valid JSON
 TOO_LONG = "too_long"                # the document would not fit in one row (seq_len)
 SHARD_ERROR = "shard_error"          # damaged tar: the rest of that shard is lost
+UNREACHABLE_SHARD = "unreachable_shard"   # remote shard failed after retries (or missing): skipped this epoch
 MISSING_VIDEO = "missing_video"
 CORRUPT_VIDEO = "corrupt_video"      # PyAV cannot open it, no video stream, or no frame decodes
 BAD_DOCUMENT = "bad_document"        # interleaved: no/invalid .json, lists missing or unequal

@@ -14,6 +14,7 @@ from mmgen.data.config import PAIR, DataConfig
 from mmgen.data.latents import check_manifest, source_manifest
 from mmgen.errors import ConfigError
 from mmgen.data.loader import MultimodalLoader, _Layout, _Source
+from mmgen.data.pack import DocumentCost
 from mmgen.data.sources import expand_shards, read_shard
 from mmgen.data.streams import AccumLoader, stream_index
 
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
-                     split: str = "train", grad_accum: int = 1) -> MultimodalLoader | AccumLoader:
+                     split: str = "train", grad_accum: int = 1,
+                     unit_costs: dict[str, float] | None = None) -> MultimodalLoader | AccumLoader:
     """The packed-batch loader of one rank.
 
     Args:
@@ -34,6 +36,8 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
         grad_accum: micro-batches per optimizer step on this rank. Above 1, micro-batch ``a``
             of a step comes from stream ``a * world_size + rank`` (``AccumLoader``), so the
             global batches depend on ``world_size * grad_accum`` only, not on how it is split.
+        unit_costs: the model's per-unit training FLOPs (``mmgen.metrics.flops.unit_costs``);
+            needed when ``cfg.pack_compute_budget`` > 0 (compute-balanced packing).
     """
     cfg.validate()
     if split not in ("train", "val"):
@@ -51,7 +55,7 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
                 log.info("data: source %r has weight 0: not read (%s shards %r not opened)",
                          name, split, pattern)
             continue
-        sources.append(_cached_or_raw(cfg, name, sc.type, pattern, expand_shards(pattern)))
+        sources.append(_cached_or_raw(cfg, name, sc.type, pattern, expand_shards(pattern, remote=cfg.remote)))
     if not sources:
         raise ValueError(f"data: no source of data config '{cfg.name}' with a weight above 0 "
                          f"has {split} shards")
@@ -65,8 +69,15 @@ def build_dataloader(cfg: DataConfig, tokenizer, rank: int, world_size: int,
             log.info("data: source %r has %d shards for %d readers (%d streams x %d workers): "
                      "readers share shards, each taking every k-th sample", s.name,
                      len(s.shards), streams * workers, streams, workers)
+    cost = None
+    if cfg.pack_compute_budget > 0:
+        if unit_costs is None:
+            raise ValueError("data: pack_compute_budget > 0 needs the model's unit costs "
+                             "(build_dataloader(..., unit_costs=mmgen.metrics.flops.unit_costs(model_cfg)))")
+        cost = DocumentCost.from_units(unit_costs, cfg.pack_compute_budget)
     loaders = [MultimodalLoader(cfg, tokenizer, sources, weights,
-                                _Layout(stream_index(rank, world_size, a), streams, workers), split)
+                                _Layout(stream_index(rank, world_size, a), streams, workers), split,
+                                cost)
                for a in range(grad_accum)]
     return loaders[0] if grad_accum == 1 else AccumLoader(loaders, rank, world_size)
 

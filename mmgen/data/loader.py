@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -36,10 +35,13 @@ from mmgen.batch import MultimodalBatch
 from mmgen.data.config import PAIR, VIDEO, DataConfig
 from mmgen.data.latents import decode_cached_sample
 from mmgen.data.mixing import Mixer
-from mmgen.data.pack import (BatchPacker, Document, build_document, build_interleaved_document,
-                             build_video_document, choose_task, collate)
+from mmgen.data.pack import (BatchPacker, Document, DocumentCost, build_document,
+                             build_interleaved_document, build_video_document, choose_task,
+                             collate)
 from mmgen.data.resume import (STATE_VERSION, check_compatible, check_rank_set,
                                fresh_source_state, resplit, upgrade)
+from mmgen.errors import DataUnavailableError
+from mmgen.data.remote import ShardUnavailable, is_remote, open_remote_shard, shard_name
 from mmgen.data.sources import (ShardFile, epoch_items, reader_index,
                                 sample_order, shard_fingerprint)
 from mmgen.data.stats import loader_stats
@@ -57,7 +59,7 @@ class _Source:
 
     @property
     def names(self) -> list[str]:
-        return [os.path.basename(s) for s in self.shards]
+        return [shard_name(s) for s in self.shards]   # local or remote: the same file names
 
 
 @dataclass
@@ -75,6 +77,15 @@ class _Layout:
 
     def reader(self, worker: int) -> int:
         return reader_index(self.stream, self.num_streams, worker)
+
+
+def shard_cache(cfg: DataConfig):
+    """The node's shard cache (``data.remote.cache_dir``), or None."""
+    if not cfg.remote.cache_dir:
+        return None
+    from mmgen.data.cache import ShardCache
+
+    return ShardCache.shared(cfg.remote.cache_dir, int(cfg.remote.cache_max_gb * 2**30))
 
 
 def _fresh_worker_state(sources: list[_Source]) -> dict:
@@ -116,6 +127,7 @@ class _SourceReader:
         # empty-epoch detection (only for epochs this object starts from their beginning)
         self._epoch_fresh = self.plan is None and (self.cursor["shard"], self.cursor["offset"]) == (0, 0)
         self._epoch_reads = self._epoch_docs = self._empty_epochs = 0
+        self._failures_in_a_row = 0              # unreachable remote shards, reset by a read
 
     def counters(self) -> dict:
         out = {"samples_read": self.samples_read, "skipped": dict(self.skips.counts)}
@@ -179,12 +191,33 @@ class _SourceReader:
         in_plan = items is not None and self.cursor["shard"] < len(items)
         self.cursor["offset"] = int(items[self.cursor["shard"]][4]) if in_plan else 0
 
-    def _shard_file(self, shard: int) -> ShardFile:
+    def _shard_file(self, shard: int, stride: int = 1) -> ShardFile:
         if self._file is None or self._file[0] != shard:
             if self._file is not None:
                 self._file[1].close()
-            self._file = (shard, ShardFile(self.src.shards[shard]))
+            self._file = None
+            path = self.src.shards[shard]
+            if is_remote(path):
+                # byte ranges pay only when part of the shard is read; whole ones are spooled
+                partial = stride > 1 or self.cursor["offset"] > 0
+                sf = open_remote_shard(path, self.cfg.remote, shard_cache(self.cfg), partial)
+            else:
+                sf = ShardFile(path)
+            self._file = (shard, sf)
         return self._file[1]
+
+    def _unreachable(self, exn: ShardUnavailable) -> None:
+        """A remote shard failed after its retries: skip it for this epoch (counted, logged with
+        its URL); the stream goes on with the next shard, so every rank still yields its
+        batches. Too many in a row means the store is down: one clear error."""
+        self.skips.skip(dec.UNREACHABLE_SHARD, exn.url, "-", exn.reason)
+        self._failures_in_a_row += 1
+        limit = self.cfg.remote.max_consecutive_failures
+        if limit and self._failures_in_a_row >= limit:
+            raise DataUnavailableError(
+                f"data: {self._failures_in_a_row} shards in a row unreachable for source "
+                f"{self.src.name!r} (last: {exn.url}: {exn.reason}); check the store and the "
+                f"network, or raise data.remote.max_consecutive_failures ({limit})")
 
     def _sub_order(self, epoch: int, shard: int, slot: int, stride: int, sf: ShardFile) -> list[int]:
         key = (epoch, shard, slot, stride)
@@ -197,7 +230,12 @@ class _SourceReader:
     def next_doc(self) -> Document:
         while True:
             epoch, shard, slot, stride = self._item()
-            sf = self._shard_file(shard)
+            try:
+                sf = self._shard_file(shard, stride)
+            except ShardUnavailable as exn:
+                self._unreachable(exn)
+                self._advance()
+                continue
             order = self._sub_order(epoch, shard, slot, stride, sf)
             k = self.cursor["offset"]
             if k >= len(order):
@@ -208,8 +246,15 @@ class _SourceReader:
             self.cursor["offset"] = k + 1
             self.samples_read += 1
             self._epoch_reads += 1
+            if hasattr(sf, "prefetch"):   # remote byte ranges: keep the next reads in flight
+                sf.prefetch(order[k + 1:k + 1 + self.cfg.remote.read_ahead])
             try:
                 raw = sf.load(order[k])
+                self._failures_in_a_row = 0
+            except ShardUnavailable as exn:   # a remote read failed after its retries
+                self._unreachable(exn)
+                self.cursor["offset"] = len(order)
+                continue
             except OSError as exn:   # the file changed or vanished: lose the rest of this shard
                 self.skips.skip(dec.SHARD_ERROR, sf.path, "-", str(exn))
                 self.cursor["offset"] = len(order)
@@ -285,9 +330,9 @@ class PackedBatchDataset(IterableDataset):
     state; ``role_offset`` rotates DataLoader worker ids onto logical workers."""
 
     def __init__(self, cfg: DataConfig, tokenizer, sources: list[_Source], weights: dict,
-                 layout: _Layout):
+                 layout: _Layout, cost: DocumentCost | None = None):
         self.cfg, self.tokenizer, self.sources, self.weights = cfg, tokenizer, sources, weights
-        self.layout = layout
+        self.layout, self.cost = layout, cost
         self.start: list[dict] = [_fresh_worker_state(sources) for _ in range(layout.num_workers)]
         self.role_offset = 0
         self.resplits = 0
@@ -304,7 +349,7 @@ class PackedBatchDataset(IterableDataset):
         worker = self._logical_worker()
         mixer = _WorkerMixer(self.cfg, self.tokenizer, self.sources, self.weights, self.layout,
                               worker, self.start[worker], self.resplits)
-        packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)
+        packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len, self.cost)
         payload_dim = self.cfg.worker_codec().payload_dim
         while True:
             before = mixer.state()
@@ -315,7 +360,7 @@ class PackedBatchDataset(IterableDataset):
             batch = packer.build(self.tokenizer.pad, payload_dim)
             batch.meta["data_state"] = {"worker": worker, "state": before}
             yield batch
-            packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len)
+            packer = BatchPacker(self.cfg.batch_size, self.cfg.seq_len, self.cost)
             packer.add(doc)
 
 
@@ -333,10 +378,10 @@ class MultimodalLoader:
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, sources: list[_Source], weights: dict,
-                 layout: _Layout, split_name: str):
+                 layout: _Layout, split_name: str, cost: DocumentCost | None = None):
         self.cfg, self.tokenizer, self.sources, self.weights = cfg, tokenizer, sources, weights
         self.layout, self.split_name = layout, split_name
-        self.dataset = PackedBatchDataset(cfg, tokenizer, sources, weights, layout)
+        self.dataset = PackedBatchDataset(cfg, tokenizer, sources, weights, layout, cost)
         self._workers = copy.deepcopy(self.dataset.start)
         self._rotation = 0          # the logical worker whose batch is due next
         self._batches = 0

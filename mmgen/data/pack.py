@@ -32,11 +32,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from mmgen import documents
-from mmgen.batch import DISCRETE, IMAGE, VIDEO, MultimodalBatch
+from mmgen.batch import CONTINUOUS, DISCRETE, FULL, IGNORE_INDEX, IMAGE, VIDEO, MultimodalBatch
 from mmgen.data.decode import InterleavedSample, Sample, VideoSample
 from mmgen.data.latents import CachedLatent
 from mmgen.data.sources import unit_hash
@@ -182,17 +181,65 @@ def build_interleaved_document(sample: InterleavedSample, seed: int, t2i_ratio: 
 # Packing
 # ----------------------------------------------------------------------------------------------
 
+def document_pairs(doc: Document) -> int:
+    """Allowed (query, key) attention pairs of one document under the mask rule
+    (``mmgen.metrics.flops.attention_pairs``): causal over the document, plus the pairs above
+    the diagonal of every FULL span; hidden spans are ignored (an estimate, a little high)."""
+    n = len(doc)
+    return n * (n + 1) // 2 + sum(len(s) * (len(s) - 1) // 2 for s in doc.spans if s.attention == FULL)
+
+
+@dataclass(frozen=True)
+class DocumentCost:
+    """Estimated training FLOPs of a document, from the FLOP model's per-unit costs
+    (``mmgen.metrics.flops.unit_costs``: per position, attention pair, text target, continuous
+    visual position and span), and the budget a batch may not exceed.
+
+    Args:
+        units: ``unit_costs(model_cfg)``.
+        budget_fraction: a batch closes before the document that would take its estimated
+            compute above ``budget_fraction`` x the cost of ``batch_size`` rows each holding one
+            causal text document of ``seq_len`` positions (the reference batch).
+    """
+
+    units: tuple[tuple[str, float], ...]
+    budget_fraction: float
+
+    @staticmethod
+    def from_units(units: dict[str, float], budget_fraction: float) -> "DocumentCost":
+        return DocumentCost(tuple(sorted(units.items())), float(budget_fraction))
+
+    def __call__(self, doc: Document) -> float:
+        u = dict(self.units)
+        continuous = sum(len(s) for s in doc.spans if s.kind == CONTINUOUS)
+        return (u["tokens"] * len(doc) + u["attention_pairs"] * document_pairs(doc)
+                + u["text_targets"] * int((doc.targets != IGNORE_INDEX).sum())
+                + u["visual_positions"] * continuous + u["spans"] * len(doc.spans))
+
+    def budget(self, batch_size: int, seq_len: int) -> float:
+        u = dict(self.units)
+        row = u["tokens"] * seq_len + u["attention_pairs"] * seq_len * (seq_len + 1) // 2
+        return self.budget_fraction * batch_size * row
+
+
 class BatchPacker:
     """Places whole documents into ``batch_size`` rows of ``seq_len`` (first fit, stream order).
 
-    ``add`` returns False when the document fits in no row; the caller then emits ``build()``
-    and starts a new packer with that document. A document never splits across rows.
+    ``add`` returns False when the document fits in no row, or (with ``cost``) when it would
+    take the batch's estimated compute above the budget; the caller then emits ``build()`` and
+    starts a new packer with that document. A document never splits across rows; the first
+    document of a batch is always taken, so a costly one cannot stall the stream. Either way a
+    batch is a contiguous run of the stream, decided by that stream's documents alone: exact
+    resume and the layout invariance of streams hold (README.md "Compute-balanced packing").
     """
 
-    def __init__(self, batch_size: int, seq_len: int):
+    def __init__(self, batch_size: int, seq_len: int, cost: DocumentCost | None = None):
         self.batch_size, self.seq_len = batch_size, seq_len
         self.fill = [0] * batch_size
         self.placed: list[tuple[int, int, Document]] = []   # (row, offset, doc), arrival order
+        self.cost_of = cost
+        self.budget = cost.budget(batch_size, seq_len) if cost is not None else None
+        self.compute = 0.0
 
     def __len__(self) -> int:
         return len(self.placed)
@@ -200,10 +247,14 @@ class BatchPacker:
     def add(self, doc: Document) -> bool:
         if len(doc) > self.seq_len:
             raise ValueError(f"document of {len(doc)} positions exceeds seq_len {self.seq_len}")
+        c = self.cost_of(doc) if self.cost_of is not None else 0.0
+        if self.budget is not None and self.placed and self.compute + c > self.budget:
+            return False
         for row, used in enumerate(self.fill):
             if used + len(doc) <= self.seq_len:
                 self.placed.append((row, used, doc))
                 self.fill[row] = used + len(doc)
+                self.compute += c
                 return True
         return False
 

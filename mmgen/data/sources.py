@@ -80,27 +80,46 @@ def _check_is_shard(path: str) -> None:
                           f"as <key>.jpg + <key>.txt; `mmgen data check` inspects shards)")
 
 
-def expand_shards(pattern: str, require_tar: bool = True) -> list[str]:
+def expand_shards(pattern: str, require_tar: bool = True, remote=None) -> list[str]:
     """All shard paths named by ``pattern`` (directory, glob, brace pattern, or several joined by
-    "::"), de-duplicated and sorted. Raises FileNotFoundError naming the pattern if empty, and
-    (``require_tar``) ConfigError naming a file that is not a tar archive."""
+    "::"; remote parts ``http(s)://``, ``s3://``, ``gs://``, ``pipe:`` go through
+    ``mmgen.data.remote``), de-duplicated and sorted. Raises FileNotFoundError naming the
+    pattern if empty, and (``require_tar``) ConfigError naming a local file that is not a tar.
+
+    Args:
+        pattern: the shard pattern.
+        require_tar: check that named local files without a shard suffix are tars.
+        remote: a ``RemoteConfig`` (timeouts for listing); default settings when None.
+    """
+    from mmgen.data.remote import expand_remote, is_remote
+
     paths: set[str] = set()
     for part in (p.strip() for p in pattern.split("::")):
-        if part:
+        if not part:
+            continue
+        if is_remote(part):
+            if remote is None:
+                from mmgen.data.config import RemoteConfig
+                remote = RemoteConfig()
+            paths.update(expand_remote(part, remote))
+        else:
             paths.update(_expand_one(os.path.expanduser(part)))
     if not paths:
         raise FileNotFoundError(f"shard pattern '{pattern}' matches no shard files "
                                 f"(cwd {os.getcwd()})")
     ordered = sorted(paths)
     for path in ordered if require_tar else ():
-        _check_is_shard(path)
+        if not is_remote(path):
+            _check_is_shard(path)
     return ordered
 
 
 def shard_fingerprint(shards: list[str]) -> str:
-    """Identifies a shard list by basenames, so a checkpoint still resumes after the data moved
-    directories but refuses to resume on different data."""
-    names = "\n".join(os.path.basename(s) for s in shards)
+    """Identifies a shard list by file names, so a checkpoint still resumes after the data moved
+    directories (or to a store: ``remote.shard_name``) but refuses to resume on different data."""
+    from mmgen.data.remote import shard_name
+
+    names = "\n".join(shard_name(s) for s in shards)
     return hashlib.blake2b(names.encode("utf-8"), digest_size=8).hexdigest()
 
 
@@ -182,7 +201,9 @@ def sample_order(num_samples: int, shuffle: bool, seed: int, epoch: int, shard: 
     if not shuffle:
         return list(range(num_samples))
     names = [str(i) for i in range(num_samples)]
-    return hashed_permutation(names, "samples", seed, epoch, os.path.basename(shard))
+    from mmgen.data.remote import shard_name
+
+    return hashed_permutation(names, "samples", seed, epoch, shard_name(shard))
 
 
 # ----------------------------------------------------------------------------------------------

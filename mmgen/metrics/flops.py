@@ -176,3 +176,20 @@ def training_flops(cfg: ModelConfig, batch: MultimodalBatch | BatchWork) -> int:
     """
     work = batch if isinstance(batch, BatchWork) else batch_work(batch)
     return TRAINING_MULTIPLIER * sum(forward_flops(cfg, work).values())
+
+
+def unit_costs(cfg: ModelConfig) -> dict[str, float]:
+    """Training FLOPs of one unit of each :class:`BatchWork` count (one position, one allowed
+    attention pair, one text target, ...) on the model shape ``cfg``: the coefficients of this
+    module's model, linear in the counts, for estimating a document's compute before it is
+    packed (``mmgen.data.pack.DocumentCost``).
+
+    Args:
+        cfg: the model shape.
+    """
+    fields = ("tokens", "attention_pairs", "text_targets", "visual_positions", "spans")
+    out = {}
+    for f in fields:
+        work = BatchWork(positions=0, **{g: int(g == f) for g in fields})
+        out[f] = float(TRAINING_MULTIPLIER * sum(forward_flops(cfg, work).values()))
+    return out

@@ -14,10 +14,19 @@ OBJECTIVES = {
 }
 
 
-def build_objective(cfg: ObjectiveConfig) -> Objective:
+def build_objective(cfg: ObjectiveConfig, sources: tuple[str, ...] = ()) -> Objective:
+    """The objective ``cfg.name``.
+
+    Args:
+        cfg: the objective config.
+        sources: the run's data source names; with two or more, every loss is also returned
+            per source (``"<loss>/<source>"``, base.py). One source would only repeat the loss.
+    """
     if cfg.name not in OBJECTIVES:
         raise ValueError(f"unknown objective '{cfg.name}' (available: {', '.join(OBJECTIVES)})")
-    return OBJECTIVES[cfg.name](cfg)
+    objective = OBJECTIVES[cfg.name](cfg)
+    objective.sources = tuple(sources) if len(sources) > 1 else ()
+    return objective
 
 
 def objective_heads(name: str) -> list[str]:

@@ -17,6 +17,14 @@ Auxiliary losses are one mean per micro-batch over its non-padding positions; we
 the micro-batch's share of the step's non-padding positions (the count :data:`POSITIONS`, which
 every objective's ``local_counts`` includes through :func:`position_count`) makes the same sum
 their position-weighted mean.
+
+Per-source losses (DESIGN.md contract 8): when a run mixes several data sources, the trainer
+gives the objective the run's source names (``build_objective(cfg, sources)``) and each loss
+``name`` is also returned as ``"<name>/<source>"``: the same per-position loss summed over that
+source's positions only, divided by the global count of that source's valid positions
+(``local_counts`` then holds ``"<name>/<source>"`` counts, reduced with the others). They are
+detached diagnostics: :func:`weighted_total` leaves every name with a "/" out, and the main
+losses are computed exactly as without them (same ops, same bits).
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ class Objective(Protocol):
     loss_names: tuple[str, ...]
     heads: tuple[str, ...]
     samplers: tuple[str, ...]   # names in mmgen.sampling.SAMPLERS (samples and evaluations)
+    sources: tuple[str, ...]    # the run's data sources for per-source losses; () = none
 
     def local_counts(self, batch: MultimodalBatch) -> dict[str, torch.Tensor]:
         """Valid positions per loss name in this micro-batch, and ``POSITIONS`` (non-padding
@@ -91,10 +100,63 @@ def aux_losses(aux: dict[str, torch.Tensor], batch: MultimodalBatch,
     return {name: normalise(value * local, denominators[POSITIONS]) for name, value in aux.items()}
 
 
+def per_source_name(loss: str, source: str) -> str:
+    """The key of loss ``loss`` restricted to data source ``source`` (logged ``loss/<loss>/<source>``)."""
+    return f"{loss}/{source}"
+
+
+def is_per_source(name: str, losses: dict) -> bool:
+    """Whether ``name`` is the per-source view ``"<loss>/<source>"`` of another loss in ``losses``."""
+    head, sep, _ = name.partition("/")
+    return bool(sep) and head in losses
+
+
+def per_source_counts(name: str, sources: tuple[str, ...], where: torch.Tensor,
+                      source_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Valid positions of loss ``name`` per source: ``{"<name>/<source>": count}``.
+
+    Args:
+        name: the loss name.
+        sources: the run's source names (empty: no per-source counts).
+        where: ``[...]`` bool, the loss's valid positions.
+        source_index: same shape, index into ``sources`` per position (-1: none).
+    """
+    if not sources:
+        return {}
+    sel = source_index[where]
+    counts = torch.bincount(sel[sel >= 0], minlength=len(sources))
+    return {per_source_name(name, s): counts[i] for i, s in enumerate(sources)}
+
+
+def per_source_losses(name: str, sources: tuple[str, ...], values: torch.Tensor,
+                      source_index: torch.Tensor, denominators: dict[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+    """Loss ``name`` split by source, each normalised by that source's global count; detached.
+
+    Args:
+        name: the loss name.
+        sources: the run's source names (empty: returns {}).
+        values: ``[M]`` per-position loss at the loss's valid positions (0 where not counted).
+        source_index: ``[M]`` index into ``sources`` of each of those positions (-1: none).
+        denominators: the step's global counts, holding ``"<name>/<source>"``.
+    """
+    if not sources:
+        return {}
+    with torch.no_grad():
+        values = values.detach().float()
+        keep = source_index >= 0
+        sums = torch.zeros(len(sources), dtype=torch.float32, device=values.device)
+        sums.index_add_(0, source_index.clamp(min=0), torch.where(keep, values, torch.zeros_like(values)))
+        return {per_source_name(name, s): normalise(sums[i], denominators[per_source_name(name, s)])
+                for i, s in enumerate(sources)}
+
+
 def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """``sum(weights[name] * loss)``; every loss needs a weight, so a misspelt weight key
-    cannot silently leave a loss out."""
-    missing = sorted(set(losses) - set(weights))
+    cannot silently leave a loss out. Per-source diagnostics (``"<name>/<source>"``) are not
+    part of the total."""
+    main = {n: v for n, v in losses.items() if not is_per_source(n, losses)}
+    missing = sorted(set(main) - set(weights))
     if missing:
         raise KeyError(f"no weight for loss(es) {missing}; weights given: {sorted(weights)}")
-    return sum(weights[name] * loss for name, loss in losses.items())
+    return sum(weights[name] * loss for name, loss in main.items())

@@ -79,8 +79,20 @@ def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, predictio
     raise ValueError(f"unknown prediction type '{prediction}'")
 
 
-def flow_loss_sum(out: torch.Tensor, sample: FlowSample, cfg: ObjectiveConfig) -> torch.Tensor:
-    """Velocity MSE per position (mean over patch features), summed over loss positions."""
+def flow_loss_sum(out: torch.Tensor, sample: FlowSample, cfg: ObjectiveConfig,
+                  per_position_out: list | None = None) -> torch.Tensor:
+    """Velocity MSE per position (mean over patch features), summed over loss positions.
+
+    Args:
+        out: the flow head's rows (every continuous position, row-major).
+        sample: the draw of times and noise.
+        cfg: the objective config (prediction type, ``t_eps``).
+        per_position_out: if given, the ``[N]`` masked per-position losses are appended to it
+            (for per-source losses; the sum is computed the same way either way).
+    """
     v_pred = to_velocity(out.float(), sample.x_t, sample.t, cfg.prediction, cfg.t_eps)
     per_position = (v_pred - (sample.noise - sample.x0)).square().mean(dim=-1)
-    return (per_position * sample.is_loss).sum()
+    masked = per_position * sample.is_loss
+    if per_position_out is not None:
+        per_position_out.append(masked.detach())
+    return masked.sum()

@@ -5,10 +5,13 @@ import torch
 import torch.nn as nn
 
 from mmgen.batch import MultimodalBatch
-from mmgen.objectives.base import aux_losses, normalise, position_count
+from mmgen.objectives.base import (aux_losses, normalise, per_source_counts, per_source_losses,
+                                   position_count)
 from mmgen.objectives.config import ObjectiveConfig
-from mmgen.objectives.flow import FlowSample, flow_loss_sum, sample_flow, visual_counts
-from mmgen.objectives.next_token import next_token_loss_sum, text_counts, text_positions
+from mmgen.objectives.flow import (FlowSample, flow_loss_sum, sample_flow, visual_counts,
+                                   visual_loss_mask)
+from mmgen.objectives.next_token import (next_token_loss_sum, text_counts, text_per_source,
+                                         text_positions, text_source_counts)
 
 
 class TransfusionObjective:
@@ -19,13 +22,19 @@ class TransfusionObjective:
     loss_names = ("text", "visual")
     heads = ("lm", "flow")
     samplers = ("flow_t2i", "text")   # mmgen.sampling.SAMPLERS: what it trains, drawn and scored
+    sources: tuple[str, ...] = ()
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg.validate()
 
     def local_counts(self, batch: MultimodalBatch) -> dict[str, torch.Tensor]:
-        return {"text": text_counts(batch), "visual": visual_counts(batch),
-                **position_count(batch)}
+        counts = {"text": text_counts(batch), "visual": visual_counts(batch),
+                  **position_count(batch)}
+        if self.sources:
+            counts.update(text_source_counts(self.sources, batch))
+            counts.update(per_source_counts("visual", self.sources, visual_loss_mask(batch),
+                                            batch.document_sources(self.sources)))
+        return counts
 
     def __call__(self, model: nn.Module, batch: MultimodalBatch,
                  denominators: dict[str, torch.Tensor],
@@ -41,7 +50,15 @@ class TransfusionObjective:
         out = model(batch, sample.x_t, sample.span_t,
                     heads={"lm": text_positions(batch), "flow": batch.continuous_mask()})
         text = next_token_loss_sum(out["lm"], batch)
-        visual = flow_loss_sum(out["flow"], sample, self.cfg)
+        per_position = [] if self.sources else None
+        visual = flow_loss_sum(out["flow"], sample, self.cfg, per_position)
         losses = {"text": normalise(text, denominators["text"]),
                   "visual": normalise(visual, denominators["visual"])}
-        return {**losses, **aux_losses(out["aux"], batch, denominators, self.loss_names)}
+        losses.update(aux_losses(out["aux"], batch, denominators, self.loss_names))
+        if self.sources:
+            losses.update(text_per_source(self.sources, out["lm"], batch, denominators))
+            where = batch.continuous_mask()
+            losses.update(per_source_losses("visual", self.sources, per_position[0],
+                                            batch.document_sources(self.sources)[where],
+                                            denominators))
+        return losses

@@ -172,6 +172,7 @@ def run_training(job: JobConfig, argv: list[str]) -> None:
 
 def train_and_evaluate(job: JobConfig, run_dir: Path, dist: DistInfo) -> None:
     from mmgen.trainer.signals import REQUEUE_EXIT_CODE, Preempted
+    from mmgen.errors import DataUnavailableError, one_line
     from mmgen.trainer.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(job, dist)
@@ -182,6 +183,9 @@ def train_and_evaluate(job: JobConfig, run_dir: Path, dist: DistInfo) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
     except NonFiniteLossError as e:
         print(f"mmgen-train: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except DataUnavailableError as e:   # e.g. a remote store down: one line, not a traceback
+        print(f"mmgen-train: error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except (RuntimeError, *dist_errors()) as e:
         if not is_collective_failure(e):

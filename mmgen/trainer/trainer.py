@@ -16,12 +16,13 @@ from mmgen.checkpoint.manager import CheckpointManager
 from mmgen.trainer.job import JobConfig
 from mmgen.data import build_dataloader
 from mmgen.data.streams import stream_index
-from mmgen.metrics.flops import training_flops
+from mmgen.metrics.flops import training_flops, unit_costs
 from mmgen.metrics.logger import MetricsLogger, detect_peak_tflops
 from mmgen.models import build_model, num_params
 from mmgen.models.moe import aux_loss_weights, collect_router_stats, moe_layer_ids, step_loads, update_expert_bias
 from mmgen.models.tokenizers import build_tokenizer
 from mmgen.objectives import build_objective, weighted_total
+from mmgen.objectives.base import is_per_source
 from mmgen.optim import build_scheduler
 from mmgen.parallel import EngineContext, ParallelDims, build_engine
 from mmgen.parallel.dist import DistInfo, all_reduce_sum
@@ -125,7 +126,9 @@ class Trainer:
                  self.num_params / 1e6, dev, job.parallel.name, self.dims.degrees())
 
     def build_objective(self) -> None:
-        self.objective = build_objective(self.job.objective)
+        # per-source losses (loss/<name>/<source>) for a mixture; the names are the same on
+        # every rank, so the loss all-reduce stacks the same keys everywhere
+        self.objective = build_objective(self.job.objective, tuple(s.name for s in self.loader.sources))
         # on the training device: drawing ~1M normals per step on the CPU and copying them
         # cost ~10% of a 1b step on an H100. Re-seeded for every micro-batch from (seed, step,
         # stream) (noise_seed), so it has no state to save and 1 GPU x grad_accum N draws the
@@ -136,7 +139,8 @@ class Trainer:
         # data-parallel peers read different data; tensor/pipeline peers the same
         self.loader = build_dataloader(self.job.data, self.tokenizer, self.dims.dp_rank,
                                        self.dims.dp, split="train",
-                                       grad_accum=self.job.trainer.grad_accum)
+                                       grad_accum=self.job.trainer.grad_accum,
+                                       unit_costs=unit_costs(self.job.model))  # compute-balanced packing
         self.data_iter = None
         self.key_log = None
         self.device_encoder = build_device_encoder(self.job, self.dist.device)
@@ -288,7 +292,8 @@ class Trainer:
         names = sorted(counts[0])
         local = torch.tensor([[float(c[n]) for n in names] for c in counts]).sum(0)
         # data-parallel peers hold different positions; tensor/pipeline peers the same ones
-        denominators = dict(zip(names, all_reduce_sum(local.to(self.dist.device), dp_group).clamp(min=1)))
+        global_counts = all_reduce_sum(local.to(self.dist.device), dp_group)
+        denominators = dict(zip(names, global_counts.clamp(min=1)))
         seed, step = self.job.trainer.seed, self.state.step + 1
         # MoE auxiliary losses get model.moe_*_weight unless objective.weights names them
         weights = {**aux_loss_weights(self.job.model), **self.job.objective.weights}
@@ -303,6 +308,9 @@ class Trainer:
         reduced = all_reduce_sum(torch.stack([loss_sums[k] for k in keys] + [
             torch.tensor(float(tokens), device=self.dist.device)]), dp_group)
         stats = {f"loss/{k}": float(reduced[i]) for i, k in enumerate(keys)}
+        for n, c in zip(names, global_counts.tolist()):   # a source absent from the step has
+            if c == 0 and is_per_source(n, denominators):  # no loss/<name>/<source>, not a 0
+                stats.pop(f"loss/{n}", None)
         lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(stats["loss/total"]):  # same value on every rank: all agree
             grad_norm = float(self.engine.step(self.job.optim.grad_clip))

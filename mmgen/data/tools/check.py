@@ -376,15 +376,62 @@ def count_samples(path: str) -> tuple[int, str | None]:
     return len(sf), sf.error
 
 
-def build_index(paths: list[str], name: str = "") -> dict:
+def shard_offsets(path: str) -> dict:
+    """Byte ranges of the samples of an uncompressed tar, for reading a remote copy by ranges
+    (``mmgen.data.remote.RangeShard``): ``{"filesize", "samples": [[key, start, end], ...],
+    "error"?}``, ``start`` the first member's header, ``end`` past the last member's data
+    (rounded to the 512-byte block), in the order ``ShardFile`` numbers the samples."""
+    import tarfile
+
+    from mmgen.data.sources import ShardFile
+
+    sf = ShardFile(path)
+    headers: dict[int, int] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if info.isreg():
+                    headers[info.offset_data] = info.offset
+    except (tarfile.TarError, EOFError, OSError):   # damaged: the samples before it are listed
+        pass
+    size = os.path.getsize(path)
+    samples = []
+    for s in sf.samples:
+        ms = list(s.members.values())
+        start = min(headers[m.offset] for m in ms)
+        end = max(m.offset + m.size for m in ms)
+        samples.append([s.key, start, min(size, -(-end // 512) * 512)])
+    out = {"filesize": size, "samples": samples}
+    if sf.error:
+        out["error"] = sf.error
+    return out
+
+
+def build_index(paths: list[str], name: str = "", offsets: bool = False) -> dict:
     """A wids ``wids-shard-index-v1`` description of ``paths`` (urls relative to their folder),
-    with mmgen's extra ``error`` field for damaged shards."""
+    with mmgen's extra ``error`` field for damaged shards.
+
+    Args:
+        paths: local shard files of one folder.
+        name: a dataset name recorded in the index.
+        offsets: also write ``<shard>.offsets.json`` (sample byte ranges) next to every
+            uncompressed ``.tar`` and name it in the entry's ``offsets`` field, so a remote copy
+            of the folder is read by byte ranges.
+    """
     shardlist = []
     for p in paths:
         n, error = count_samples(p)
         entry = {"url": os.path.basename(p), "nsamples": n, "filesize": os.path.getsize(p)}
         if error:
             entry["error"] = error
+        if offsets and p.endswith(".tar"):
+            from mmgen.data.remote import OFFSETS_SUFFIX
+
+            side = p + OFFSETS_SUFFIX
+            with open(side + ".tmp", "w") as f:
+                json.dump(shard_offsets(p), f, separators=(",", ":"))
+            os.replace(side + ".tmp", side)
+            entry["offsets"] = os.path.basename(side)
         shardlist.append(entry)
     out = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": shardlist}
     if name:
