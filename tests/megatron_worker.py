@@ -34,10 +34,10 @@ class Cases:
         self.shapes, self.out, self.dist = shapes, out, dist
         self.results: dict = {}
 
-    def trainer(self, name: str, overrides: list[str]):
+    def trainer(self, name: str, overrides: list[str], base: list[str] = BASE):
         from mmgen.trainer.trainer import Trainer
 
-        job = compose_job([*BASE, "data.num_workers=0", *overrides, f"data.train_shards={self.shapes}/train",
+        job = compose_job([*base, "data.num_workers=0", *overrides, f"data.train_shards={self.shapes}/train",
                            f"data.val_shards={self.shapes}/val", f"run_dir={self.out / name}", f"name={name}"])
         if self.dist.is_main:
             Path(job.run_dir).mkdir(parents=True, exist_ok=True)
@@ -149,12 +149,49 @@ class Cases:
                         versions=meta.get("versions", {}))
         barrier()
 
+    def hf_tp2(self) -> None:
+        """checkpoint.init_from=hf:<dir> under TP=2: a tiny Qwen2 (q/k/v biases in the fused
+        QKV, tied head), Qwen3 (qk-norm, n_heads * head_dim != dim) and Llama (llama3 RoPE
+        scaling) give transformers' text logits; the Qwen2 run then steps (bias gradients
+        through megatron DDP)."""
+        from mmgen.models.tokenizers import build_tokenizer
+        from mmgen.sampling.batching import build_batch
+        from tests.hf_assets import TEXT, VOCAB, make_hf_model
+
+        for kind in ("qwen2", "qwen3", "llama"):
+            hf = self.out / f"hf_{kind}"
+            ref = make_hf_model(hf, kind) if self.dist.is_main else None   # rank 0 writes, both read
+            barrier()
+            t = self.trainer(f"hf_{kind}", [*MEGATRON, "parallel.tp=2", f"model=hf:{hf}", f"data.tokenizer=hf:{hf}",
+                                            f"checkpoint.init_from=hf:{hf}", "trainer.steps=1"],
+                             base=[o for o in BASE if not o.startswith("model=")])
+            tok = build_tokenizer(f"hf:{hf}")
+            ids = tok.encode(TEXT)[:100]
+            batch = build_batch([[ids]], tok, patch_dim=t.job.model.patch_dim)
+            with torch.no_grad():
+                ours = t.engine.model(batch, heads={"lm": batch.document_ids >= 0})["lm"][:, :VOCAB]
+            attn = t.engine.stage.layers[0].attention
+            bias = attn.linear_qkv.bias
+            self.record(f"hf_{kind}", dims=t.engine.dims.degrees(), head_dim=attn.head_dim,
+                        local_qkv=list(attn.linear_qkv.weight.shape), local_bias=None if bias is None else bias.numel())
+            if self.dist.is_main:
+                with torch.no_grad():
+                    theirs = ref(torch.tensor([ids])).logits[0]
+                self.record(f"hf_{kind}", max_abs_diff=float((ours - theirs).abs().max()),
+                            logits_scale=float(theirs.abs().max()))
+            if kind == "qwen2":
+                t.train()
+                if self.dist.is_main:
+                    self.record("hf_qwen2", curve=curve(self.out / "hf_qwen2" / "metrics.jsonl"))
+            del t
+            barrier()
+
 
 def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
 
 
-ORDER = ["compat", "tp2", "tp2_sp", "pp2", "reshard", "resume", "from_ddp"]
+ORDER = ["compat", "tp2", "tp2_sp", "pp2", "reshard", "resume", "from_ddp", "hf_tp2"]
 
 
 def main() -> None:

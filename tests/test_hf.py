@@ -209,9 +209,130 @@ def test_init_under_ddp_fsdp2_zero3_two_ranks(hf_dirs, shapes_dir, tmp_path):
                 cwd=out, timeout=600, env={"DS_ACCELERATOR": "cpu"})
     res = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     assert res.get("_failed") is None and r.returncode == 0, res.get("_failed") or r.stderr[-3000:]
-    for layout, want in (("ddp", 1.0), ("fsdp2", 0.5), ("zero3", 0.5)):
+    for layout, want in (("ddp", 1.0), ("fsdp2", 0.5), ("zero3", 0.5), ("fsdp2_motmoe", 0.5), ("zero3_motmoe", 0.5)):
         for rank in res[layout]:
-            assert rank["bad"] == [] and rank["checked"] == 25
+            # dense: 2 layers x 11 + 3; towers: 2 layers x 2 towers x 11 + 3 (experts included)
+            assert rank["bad"] == [] and rank["checked"] == (47 if layout.endswith("motmoe") else 25), layout
             assert abs(rank["local_fraction"] - want) < 0.05     # really sharded
-            assert rank["loss"] == rank["loss"] and rank["loss"] < 20
-    assert all(res["fresh_equal"].values()) and "visual_out.weight" in res["fresh_keys"]
+            # routers' balancing biases start at zero (to_empty leaves buffers unset)
+            assert len(rank["buffers"]) == (4 if layout.endswith("motmoe") else 0)
+            assert all(v == [0.0, 0.0] for v in rank["buffers"].values())
+            if layout != "zero3_motmoe":   # loaded only (hf_worker.NO_STEP says why)
+                assert rank["loss"] == rank["loss"] and rank["loss"] < 20
+    assert all(res["fresh_equal"].values()) and "visual_out.weight" in res["fresh_keys"]["ddp"]
+    # fresh under towers x experts: the routers
+    assert "layers.1.towers.1.feed_forward.router.weight" in res["fresh_keys"]["zero3_motmoe"]
+
+
+# ---------------------------------------------------------------- sparse trunks from a dense HF LLM
+
+def _init_from_hf(job, hf: Path):
+    from mmgen.models import build_model
+    from mmgen.parallel.pretrained import pretrained_init
+
+    with torch.device("meta"):
+        model = build_model(job.model)
+    init = pretrained_init(model, str(hf), seed=0)
+    model.to_empty(device="cpu")
+    init(model)
+    return model.eval(), init.source
+
+
+def _hidden(model, batch, span_t):
+    """Trunk hidden states ``[B, L, dim]`` (every position, visual ones included)."""
+    with torch.no_grad():
+        x = model.embed(batch, batch.patches, span_t)
+        return model.trunk(x, model.rope(batch.positions), model.build_mask(batch), routing=model.route(batch))[0]
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_mot_towers_start_as_the_hf_text_tower(hf_dirs, kind):
+    """model=hf:<dir> model.block=mot (BAGEL): every tower is the HF layer, so text logits equal
+    the HF model's and a visual target position (generation tower) has the dense model's state."""
+    from mmgen.models.tokenizers import build_tokenizer
+    from mmgen.sampling.batching import text_to_image_doc
+
+    hf, ref = hf_dirs[kind]
+    mot, source = _init_from_hf(_job(hf, extra=["model.block=mot", "model.tower_split=role"]), hf)
+    dense, _ = _init_from_hf(_job(hf), hf)
+    assert source.map.towers == 2 * sum(k.startswith("layers.") for k, _ in dense.named_parameters())
+    assert "tower" not in source.fresh_summary()
+    for block, dblock in zip(mot.layers, dense.layers):
+        for tower in block.towers:
+            for (name, p), (dname, q) in zip(tower.named_parameters(), dblock.named_parameters()):
+                assert name == dname and torch.equal(p, q), name
+    tok = build_tokenizer(f"hf:{hf}")
+    ids = tok.encode(TEXT)[:80]
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(_mmgen_logits(mot, tok, ids)[:, :320], theirs, atol=ATOL, rtol=0)
+    # a text-to-image document: its target span runs on the generation tower
+    from mmgen.sampling.batching import build_batch
+
+    g = torch.Generator().manual_seed(1)
+    doc = text_to_image_doc(tok, "a red circle", torch.rand(4, mot.cfg.patch_dim, generator=g) * 2 - 1, (1, 2, 2))
+    batch = build_batch([doc], tok, patch_dim=mot.cfg.patch_dim)
+    target = batch.target_visual_mask()
+    assert target.sum() == 4 and (mot.route(batch).towers == target.long()).all()
+    t = torch.full((len(batch.spans),), 0.5)
+    a, b = _hidden(dense, batch, t), _hidden(mot, batch, t)
+    # the same weights on row subsets: equal up to the rounding of matmuls over other row counts
+    torch.testing.assert_close(b[target], a[target], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_moe_upcycled_from_hf_gives_its_logits(hf_dirs):
+    """model.block=moe from a dense HF model: every expert a copy of the HF FFN (upcycling),
+    routers and their expert_bias buffers fresh; top-k weights sum to 1, so the logits are
+    the HF model's whatever the router picks."""
+    from mmgen.models.tokenizers import build_tokenizer
+
+    hf, ref = hf_dirs["qwen2"]
+    job = _job(hf, extra=["model.block=moe", "model.moe_experts=4", "model.moe_top_k=2"])
+    model, source = _init_from_hf(job, hf)
+    assert len(source.map.experts) == 3 * 2
+    assert "layers.*.feed_forward.router" in source.fresh_summary()
+    ffn = model.layers[1].feed_forward
+    w = ref.model.layers[1].mlp.gate_proj.weight
+    assert all(torch.equal(ffn.experts.w1[e], w.t()) for e in range(4))
+    assert torch.equal(ffn.router.expert_bias, torch.zeros(4))
+    tok = build_tokenizer(f"hf:{hf}")
+    ids = tok.encode(TEXT)[:80]
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(_mmgen_logits(model, tok, ids)[:, :320], theirs, atol=ATOL, rtol=0)
+    bad = _job(hf, extra=["model.block=moe", "model.moe_experts=4", "model.moe_shared_experts=1"])
+    from mmgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="moe_shared_experts=0"):
+        _init_from_hf(bad, hf)
+
+
+def test_frozen_text_tower_stays_the_hf_weights(hf_dirs, shapes_dir, tmp_path):
+    """LMFusion: model.freeze_text_tower=true from an HF LLM: after a few steps the text tower
+    is still exactly the HF model's, while the generation tower has moved."""
+    from safetensors.torch import load_file
+
+    from mmgen.models.hf.adapter import init_source
+    from tests.test_trainer import make_trainer
+
+    hf = hf_dirs["qwen3"][0]
+    trainer = make_trainer(shapes_dir, tmp_path / "run", [
+        f"model=hf:{hf}", f"data.tokenizer=hf:{hf}", f"checkpoint.init_from=hf:{hf}", "model.block=mot",
+        "model.tower_split=role", "model.freeze_text_tower=true", "trainer.steps=2", "checkpoint.enabled=false",
+        "optim.warmup_steps=0"])
+    trainer.train()
+    assert trainer.state.step == 2
+    files = {}
+    for f in hf.glob("*.safetensors"):
+        files.update(load_file(str(f)))
+    moved = 0
+    for key, p in trainer.engine.module.named_parameters():
+        if ".towers." not in key:
+            continue
+        want = files[init_source(key)[0]]
+        if ".towers.0." in key:
+            assert torch.equal(p, want), key
+        else:
+            moved += not torch.equal(p, want)
+    assert moved > 0

@@ -67,9 +67,11 @@ def test_mmgen_train_exits_2_on_a_bad_megatron_layout(tmp_path):
 
 
 # -- the adapter (pure torch) ------------------------------------------------------------------------
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (2, 2)])
-def test_adapter_cuts_and_merges_the_plain_weights_exactly(tp, pp):
-    cfg = ModelConfig(n_layers=2, n_heads=4, n_kv_heads=2)
+@pytest.mark.parametrize("tp,pp,hf", [(1, 1, False), (2, 1, False), (2, 2, False), (2, 1, True)])
+def test_adapter_cuts_and_merges_the_plain_weights_exactly(tp, pp, hf):
+    # hf: the Hugging Face fields (q/k/v biases, a head width other than dim // n_heads)
+    extra = {"qkv_bias": True, "attention_head_dim": 32} if hf else {}
+    cfg = ModelConfig(n_layers=2, n_heads=4, n_kv_heads=2, **extra)
     torch.manual_seed(0)
     plain = build_model(cfg, device="cpu").state_dict()
     ranks = []
@@ -79,6 +81,11 @@ def test_adapter_cuts_and_merges_the_plain_weights_exactly(tp, pp):
             local = adapter.to_megatron(plain, cfg, tp, r, layer_ids, stage == 0, stage == pp - 1)
             qkv = local["layers.0.attention.linear_qkv.weight"]
             assert qkv.shape == ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim // tp, cfg.dim)
+            if hf:   # the bias fused in the weight's grouping: row i of the weight, element i of the bias
+                bias = local["layers.0.attention.linear_qkv.bias"]
+                assert bias.shape == qkv.shape[:1]
+                assert torch.equal(adapter.fuse_qkv(*(plain[f"layers.0.attention.w{n}.bias"].chunk(tp)[r][:, None]
+                                                      for n in "qkv"), cfg)[:, 0], bias)
             ranks.append(adapter.plain_shards(local, cfg, layer_ids))
     merged = adapter.merge_ranks(ranks, tp)
     assert merged.keys() == plain.keys() and all(torch.equal(merged[k], plain[k]) for k in plain)
@@ -147,6 +154,22 @@ def test_distributed_optimizer_resumes_bitwise(megatron_results):
     assert [s["step"] for s in resumed] == [3, 4]
     for s in resumed:
         assert s["hex"] == full[s["step"]], s["step"]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
+def test_hf_init_under_tp2_gives_the_hf_logits(megatron_results, kind):
+    """Issue 12 under TP=2: q/k/v biases (Qwen2), head_dim * n_heads != dim (Qwen3) and llama3
+    RoPE scaling (Llama) mapped. Tolerance 1e-5 absolute at a logit scale of ~0.7, as for the
+    one-process HF comparison (tests/test_hf.py; measured 2.4e-7: fp32 summation order)."""
+    r = megatron_results[f"hf_{kind}"]
+    assert r["dims"]["tp"] == 2
+    head_dim = 32 if kind == "qwen3" else 16
+    assert r["head_dim"] == head_dim and r["local_qkv"] == [(4 + 2 * 2) * head_dim // 2, 64]
+    assert r["local_bias"] == ((4 + 2 * 2) * head_dim // 2 if kind == "qwen2" else None)
+    assert r["max_abs_diff"] <= 1e-5 and r["logits_scale"] > 0.1
+    if kind == "qwen2":
+        step = r["curve"][0]
+        assert step["step"] == 1 and step["loss/total"] == step["loss/total"] and step["optim/grad_norm"] > 0
 
 
 def test_ddp_checkpoint_initialises_megatron_and_exports_back(megatron_results):

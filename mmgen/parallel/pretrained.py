@@ -54,6 +54,14 @@ class PretrainedInit:
             if local.numel():
                 rows = self.source.rows(key, offset[0], offset[0] + shape[0])
                 local.copy_(rows.to(local.dtype))
+        self.load_buffers(model)
+
+    @torch.no_grad()
+    def load_buffers(self, model: nn.Module) -> None:
+        """Every buffer of a materialised model (``to_empty`` leaves them unset; no layout
+        shards them): an MoE router's ``expert_bias``."""
+        for key, b in model.named_buffers():
+            b.copy_(self.source.buffer(key).to(b.dtype))
 
 
 @torch.no_grad()
@@ -98,6 +106,7 @@ def materialize_zero3(model: nn.Module, init: PretrainedInit, ds_config: dict, d
         part.zero_()
         if start < stop:
             part[:stop - start].copy_(init.source.flat(key, start, stop).to(part.dtype))
+    init.load_buffers(model)
 
 
 def _partition_rank(p, group) -> int:
@@ -125,6 +134,11 @@ def pretrained_init(model: nn.Module, path: str, seed: int) -> PretrainedInit:
         source = PretrainedSource(model, path, seed)
     except ValueError as e:
         raise ConfigError(f"checkpoint.init_from=hf:...: {e}") from None
-    log.info("init_from hf:%s: %d tensors from the checkpoint; initialised fresh: %s", path,
-             len(source.map.source), source.fresh_summary())
+    copies = []
+    if source.map.towers:
+        copies.append(f"{source.map.towers} modality-tower copies")
+    if source.map.experts:
+        copies.append(f"{len(source.map.experts)} expert stacks upcycled")
+    log.info("init_from hf:%s: %d tensors from the checkpoint%s; initialised fresh: %s", path,
+             len(source.map.source), f" ({', '.join(copies)})" if copies else "", source.fresh_summary())
     return PretrainedInit(source)

@@ -5,6 +5,13 @@ renaming, one tensor to one tensor. mmgen's vocabulary may be longer than the HF
 specials appended above): those rows of ``tok_embeddings`` / ``output`` have no HF rows.
 Parameters outside the trunk (visual embedders, flow head, timestep MLP, visual position
 tables) have no HF counterpart and are initialised fresh.
+
+Sparse trunks start from the same tensors (:func:`init_source`): every modality tower of a
+``mot`` block (``layers.<i>.towers.<t>.<rest>``) is a copy of the HF layer's ``<rest>`` (BAGEL:
+the generation tower starts as the text tower), and every expert of an MoE FFN
+(``feed_forward.experts.w1 [E, dim, hidden]``) a transposed copy of the HF SwiGLU (sparse
+upcycling, as ``mmgen.models.moe.upcycle_state_dict`` does for mmgen checkpoints); routers
+are fresh. Both keep the dense model's function at step 0.
 """
 from __future__ import annotations
 
@@ -34,6 +41,11 @@ VOCAB_KEYS = ("tok_embeddings.weight", "output.weight")
 # buffers older checkpoints carry that are recomputed, not learned
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
+# a modality tower's copy of a dense block parameter (mmgen/models/mot.py)
+_TOWER_KEY = re.compile(r"^(layers\.\d+\.)towers\.\d+\.(.+)$")
+# an MoE FFN's stacked experts (mmgen/models/moe.py: x @ w, so the dense weight transposed)
+_EXPERT_KEY = re.compile(r"^(.*\.feed_forward)\.experts\.(w[123])$")
+_SHARED_KEY = re.compile(r"\.feed_forward\.shared\.")
 
 
 def hf_name(key: str) -> str | None:
@@ -46,6 +58,22 @@ def hf_name(key: str) -> str | None:
     return None
 
 
+def init_source(key: str) -> tuple[str | None, bool]:
+    """Where mmgen parameter ``key`` starts from in a HF dense causal LM: ``(HF name, experts)``,
+    ``experts`` True when the value is the HF matrix transposed and repeated once per expert;
+    ``(None, False)`` for a fresh parameter. Tower keys resolve to their dense block's tensor.
+
+    Args:
+        key: an mmgen state-dict key (dense, ``mot``, ``moe`` or ``motmoe`` trunk).
+    """
+    m = _TOWER_KEY.match(key)
+    dense = m.group(1) + m.group(2) if m else key
+    e = _EXPERT_KEY.match(dense)
+    if e:
+        return hf_name(f"{e.group(1)}.{e.group(2)}.weight"), True
+    return hf_name(dense), False
+
+
 @dataclass
 class PretrainedMap:
     """Which mmgen parameters come from which HF tensors, checked against both sides.
@@ -55,11 +83,15 @@ class PretrainedMap:
         fresh: mmgen keys with no HF counterpart (initialised fresh), in model order.
         hf_rows: mmgen vocabulary key -> the number of its rows the HF tensor gives (the rest
             are fresh rows for mmgen's specials).
+        experts: mmgen keys of stacked MoE experts (each expert a transposed HF FFN matrix).
+        towers: how many mmgen keys are modality-tower copies of an HF layer tensor.
     """
 
     source: dict[str, str] = field(default_factory=dict)
     fresh: list[str] = field(default_factory=list)
     hf_rows: dict[str, int] = field(default_factory=dict)
+    experts: set[str] = field(default_factory=set)
+    towers: int = 0
 
     @classmethod
     def build(cls, shapes: dict[str, tuple[int, ...]], hf_shapes: dict[str, tuple[int, ...]], where: str,
@@ -80,7 +112,11 @@ class PretrainedMap:
         used: set[str] = set()
         missing = []
         for key, shape in shapes.items():
-            name = hf_name(key)
+            if _SHARED_KEY.search(key):
+                # a fresh shared expert would change the pretrained model's function at step 0
+                raise ValueError(f"{where}: {key}: an MoE with shared experts cannot start from a dense model "
+                                 f"(set model.moe_shared_experts=0)")
+            name, experts = init_source(key)
             if name is None:
                 out.fresh.append(key)
                 continue
@@ -91,8 +127,15 @@ class PretrainedMap:
                 continue
             hf_shape = hf_shapes[name]
             vocab = key in VOCAB_KEYS
-            if (vocab and (hf_shape[1:] != shape[1:] or hf_shape[0] > shape[0])) or (not vocab and hf_shape != shape):
+            if experts:
+                # [E, in, out] experts from an HF [out, in] matrix
+                if tuple(hf_shape[::-1]) != tuple(shape[1:]):
+                    raise ValueError(f"{where}: {name} has shape {list(hf_shape)}, the experts of mmgen's {key} "
+                                     f"need {list(shape[:0:-1])} (set model.moe_ffn_dim=0)")
+                out.experts.add(key)
+            elif (vocab and (hf_shape[1:] != shape[1:] or hf_shape[0] > shape[0])) or (not vocab and hf_shape != shape):
                 raise ValueError(f"{where}: {name} has shape {list(hf_shape)}, mmgen's {key} needs {list(shape)}")
+            out.towers += bool(_TOWER_KEY.match(key))
             out.source[key] = name
             if vocab:
                 out.hf_rows[key] = hf_shape[0]
@@ -108,13 +151,16 @@ class PretrainedMap:
         return out
 
     def fresh_modules(self) -> list[str]:
-        """Top-level module names of the fresh parameters, plus ``<key>[rows a:b]`` for extra
-        vocabulary rows: what the one log line lists."""
+        """Top-level module names of the fresh parameters (for a module that is partly
+        pretrained, the fresh sub-modules with layer and tower indices as ``*``, e.g.
+        ``layers.*.feed_forward.router``): what the one log line lists."""
+        partly = {k.split(".")[0] for k in self.source}
         parts = []
         for key in self.fresh:
             top = key.split(".")[0]
-            if top not in parts:
-                parts.append(top)
+            name = re.sub(r"\.\d+(?=\.)", ".*", key.rsplit(".", 1)[0]) if top in partly else top
+            if name not in parts:
+                parts.append(name)
         return parts
 
 

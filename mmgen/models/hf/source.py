@@ -46,6 +46,7 @@ class PretrainedSource:
         self._reference = copy.deepcopy(model).to("meta")
         self._fresh: dict[str, torch.Tensor] | None = None
         self._extra: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ what is fresh
     def fresh_summary(self) -> str:
@@ -57,20 +58,28 @@ class PretrainedSource:
         return ", ".join(parts) or "nothing"
 
     def _fresh_values(self) -> dict[str, torch.Tensor]:
-        """The fresh parameters, initialised by the model's own ``init_weights`` on a copy whose
-        pretrained parts stay on the meta device (no memory, no random numbers drawn for them),
-        so the values are the same on every rank and under every layout."""
+        """The fresh parameters (and every buffer), initialised by the model's own
+        ``init_weights`` on a copy whose pretrained parts stay on the meta device (no memory, no
+        random numbers drawn for them), so the values are the same on every rank and under
+        every layout. A top-level module with only fresh parameters is materialised whole;
+        inside one that is partly pretrained (the trunk of an MoE, whose routers are fresh)
+        only the modules that own fresh parameters or buffers are, so a rank never holds a
+        full copy of the pretrained trunk."""
         if self._fresh is None:
             ref = self._reference
-            tops = set(self.map.fresh_modules())
-            for name, module in ref.named_children():
-                if name in tops:
-                    module.to_empty(device="cpu")
+            fresh = set(self.map.fresh)
+            tops = {name for name, module in ref.named_children()
+                    if (keys := [f"{name}.{k}" for k, _ in module.named_parameters()]) and fresh.issuperset(keys)}
+            owners = {k.rsplit(".", 1)[0] for k in fresh} | {k.rsplit(".", 1)[0] for k, _ in ref.named_buffers()}
+            for name, module in ref.named_modules():
+                if (name and name.split(".")[0] in tops) or name in owners:
+                    module.to_empty(device="cpu", recurse=False)
             torch.manual_seed(self.seed)
             with torch.no_grad():
                 ref.init_weights()
             params = dict(ref.named_parameters())
             self._fresh = {k: params[k].detach().clone() for k in self.map.fresh}
+            self.buffers = {k: b.detach().clone() for k, b in ref.named_buffers()}
             self._reference = None
         return self._fresh
 
@@ -97,6 +106,9 @@ class PretrainedSource:
         if key not in self.map.source:
             return self._fresh_values()[key][start:stop]
         hf_key = self.map.source[key]
+        if key in self.map.experts:   # experts start:stop, each the HF matrix transposed (upcycling)
+            t = self.weights.tensor(hf_key).t()
+            return t.unsqueeze(0).expand(stop - start, *t.shape).contiguous()
         n = self.map.hf_rows.get(key, shape[0])
         parts = []
         if start < n:
@@ -117,8 +129,16 @@ class PretrainedSource:
         block = self.rows(key, first, last).reshape(-1)
         return block[start - first * row:stop - first * row]
 
+    def buffer(self, key: str) -> torch.Tensor:
+        """The initial value of buffer ``key`` (e.g. an MoE router's ``expert_bias``): buffers
+        are never in the HF files, and no backend shards them."""
+        self._fresh_values()
+        return self.buffers[key]
+
     @torch.no_grad()
     def load_into(self, module: nn.Module) -> None:
-        """Fill a materialised, unsharded plain model (every parameter whole)."""
+        """Fill a materialised, unsharded plain model (every parameter whole, every buffer)."""
         for key, p in module.named_parameters():
             p.copy_(self.rows(key).to(p.dtype))
+        for key, b in module.named_buffers():
+            b.copy_(self.buffer(key).to(b.dtype))

@@ -6,6 +6,7 @@ rank ``r`` holds chunk ``r`` of each split tensor, with two fusions megatron's l
 
 * ``attention.linear_qkv`` = per local query group ``g``: its query heads, its key head, its
   value head (megatron's grouped QKV layout), built from chunk ``r`` of ``wq``, ``wk``, ``wv``;
+  with ``qkv_bias`` (Qwen2) its bias is the same grouping of the ``wq``/``wk``/``wv`` biases;
 * ``feed_forward.linear_fc1`` = ``[w1 chunk r; w3 chunk r]`` (gate then up, per rank).
 
 ``wo`` -> ``attention.linear_proj`` and ``w2`` -> ``feed_forward.linear_fc2`` keep their
@@ -25,6 +26,8 @@ from mmgen.models.config import ModelConfig
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 ROW_SPLIT = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
              "feed_forward.w1.weight", "feed_forward.w3.weight")
+# q/k/v biases (model.qkv_bias): split with their heads, fused into linear_qkv's bias
+QKV_BIAS = ("attention.wq.bias", "attention.wk.bias", "attention.wv.bias")
 COL_SPLIT = ("attention.wo.weight", "feed_forward.w2.weight")
 RENAMED = {"attention.wo.weight": "attention.linear_proj.weight", "feed_forward.w2.weight": "feed_forward.linear_fc2.weight"}
 
@@ -35,7 +38,7 @@ def split_axis(key: str) -> int | None:
     if m is None:
         return None
     rest = m.group(2)
-    return 0 if rest in ROW_SPLIT else 1 if rest in COL_SPLIT else None
+    return 0 if rest in ROW_SPLIT or rest in QKV_BIAS else 1 if rest in COL_SPLIT else None
 
 
 def _chunk(t: torch.Tensor, axis: int | None, tp: int, rank: int) -> torch.Tensor:
@@ -87,7 +90,7 @@ def to_megatron(plain: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, tp_ra
         if layer not in local:
             continue
         prefix, rest = f"layers.{local[layer]}.", m.group(2)
-        if rest in ROW_SPLIT:
+        if rest in ROW_SPLIT or rest in QKV_BIAS:
             continue  # fused below
         out[prefix + RENAMED.get(rest, rest)] = _chunk(value, split_axis(key), tp, tp_rank)
     for layer, j in local.items():
@@ -95,6 +98,10 @@ def to_megatron(plain: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, tp_ra
         q, k, v, w1, w3 = (_chunk(plain[p + r], 0, tp, tp_rank) for r in ROW_SPLIT)
         out[f"layers.{j}.attention.linear_qkv.weight"] = fuse_qkv(q, k, v, cfg)
         out[f"layers.{j}.feed_forward.linear_fc1.weight"] = torch.cat([w1, w3], dim=0)
+        if p + QKV_BIAS[0] in plain:
+            # a bias is a one-column weight for the grouping
+            q, k, v = (_chunk(plain[p + r], 0, tp, tp_rank)[:, None] for r in QKV_BIAS)
+            out[f"layers.{j}.attention.linear_qkv.bias"] = fuse_qkv(q, k, v, cfg)[:, 0]
     return out
 
 
@@ -121,6 +128,9 @@ def plain_shards(local: dict[str, torch.Tensor], cfg: ModelConfig,
         if rest == "attention.linear_qkv.weight":
             for name, part in zip(ROW_SPLIT[:3], split_qkv(value, cfg)):
                 out[prefix + name] = (part, 0)
+        elif rest == "attention.linear_qkv.bias":
+            for name, part in zip(QKV_BIAS, split_qkv(value[:, None], cfg)):
+                out[prefix + name] = (part[:, 0].contiguous(), 0)
         elif rest == "feed_forward.linear_fc1.weight":
             w1, w3 = value.chunk(2, dim=0)
             out[prefix + ROW_SPLIT[3]], out[prefix + ROW_SPLIT[4]] = (w1, 0), (w3, 0)

@@ -12,7 +12,12 @@ import dataclasses
 MAPPED_FIELDS = frozenset({
     "name", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "patch_dim", "max_grid",
     "visual_pos", "rope_theta", "norm_eps", "qk_norm", "tie_embeddings", "init_std", "attention",
-    "timestep_dim", "block", "heads"})
+    "timestep_dim", "block", "heads",
+    # Hugging Face architectures (model=hf:<dir>): q/k/v biases in the fused QKV, a head width
+    # other than dim // n_heads (the blocks use head_dim throughout), the plain model's RoPE
+    # scaling; from_hf only names where the shape was read
+    "qkv_bias", "attention_head_dim", "rope_scaling", "rope_factor", "rope_low_freq_factor",
+    "rope_high_freq_factor", "rope_original_max_len", "from_hf"})
 
 
 def check_model(parallel, model, seq_len: int) -> None:

@@ -31,6 +31,7 @@ from mmgen.models.config import ModelConfig
 from mmgen.models.embedders import EMBEDDERS, embedder_names
 from mmgen.models.heads import HEADS, head_names
 from mmgen.models.layers import RMSNorm, apply_rope, rope_cos_sin
+from mmgen.models.transformer import rope_scaling
 
 
 class StageOutput(Exception):
@@ -63,8 +64,9 @@ class ParallelAttention(nn.Module):
         self.groups = cfg.n_kv_heads // tp                # query groups (= KV heads) on this rank
         self.per_group = cfg.n_heads // cfg.n_kv_heads    # query heads per group
         width = self.groups * (self.per_group + 2) * self.head_dim * tp
+        # q/k/v biases (Qwen2): one fused bias, split with its heads like the weight
         self.linear_qkv = mtp.ColumnParallelLinear(cfg.dim, width, config=mcfg, init_method=_no_init,
-                                                   bias=False, gather_output=False)
+                                                   bias=cfg.qkv_bias, gather_output=False)
         self.linear_proj = mtp.RowParallelLinear(cfg.n_heads * self.head_dim, cfg.dim, config=mcfg,
                                                  init_method=_no_init, bias=False, input_is_parallel=True,
                                                  skip_bias_add=True)
@@ -173,7 +175,8 @@ class MegatronTransformer(MegatronModule):
         cfg = self.cfg
         if mask is None:
             mask = build_mask(batch, resolve_backend(cfg.attention, batch.tokens.device))
-        rope = rope_cos_sin(batch.positions, cfg.head_dim, cfg.rope_theta)
+        # the plain model's tables (UnifiedTransformer.rope), long-context scaling included
+        rope = rope_cos_sin(batch.positions, cfg.head_dim, cfg.rope_theta, rope_scaling(cfg))
         if self.first:
             if visual_in is None:
                 visual_in = batch.patches
