@@ -25,6 +25,10 @@ bidirectional spans. Allowed (query, key) pairs of real positions are what
 * :func:`build_block_mask`: a FlexAttention ``BlockMask`` of the same rule (GPU), from
   :func:`document_mask_mod`; it skips fully masked 128x128 blocks, so packed documents cost
   only their own attention.
+
+Under context parallelism a block holds one slice of the positions (mmgen/sequence_shard.py);
+its mask is a :class:`SequenceParallelMask`: the whole sequence's mask plus the exchange that
+gives :func:`attend` the whole sequence for a subset of the heads and takes it back.
 """
 from __future__ import annotations
 
@@ -38,7 +42,19 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from mmgen.batch import FULL, MultimodalBatch
 
-AttentionMask = Union[torch.Tensor, BlockMask]
+
+
+@dataclass
+class SequenceParallelMask:
+    """The mask of a context-parallel slice: ``mask`` covers all ``L`` positions (either
+    encoding); ``exchange(q, k, v, attend_fn)`` (``mmgen.sequence_shard.Exchange``) moves the
+    slice's queries/keys/values to whole-sequence ones and the output back."""
+
+    mask: Union[torch.Tensor, BlockMask]
+    exchange: Callable
+
+
+AttentionMask = Union[torch.Tensor, BlockMask, SequenceParallelMask]
 
 
 @dataclass
@@ -128,9 +144,9 @@ def resolve_backend(attention: str, device: torch.device) -> str:
     return attention
 
 
-def build_mask(batch: MultimodalBatch, backend: str) -> AttentionMask:
-    """The mask of ``batch`` in the encoding ``backend`` ("sdpa" or "flex") expects."""
-    layout = mask_layout(batch)
+def build_mask(batch: MultimodalBatch | MaskLayout, backend: str) -> AttentionMask:
+    """The mask of ``batch`` (or its layout) in the encoding ``backend`` ("sdpa" or "flex") expects."""
+    layout = _layout(batch)
     if backend == "flex":
         return build_block_mask(layout)
     return build_dense_mask(layout)
@@ -147,7 +163,10 @@ def _compiled_flex() -> Callable:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Masked attention; ``q``: ``[B, H, L, D]``, ``k``/``v``: ``[B, H_kv, L, D]`` (GQA when
-    ``H_kv < H``). Dispatches on the mask type: BlockMask -> FlexAttention, bool -> SDPA."""
+    ``H_kv < H``). Dispatches on the mask type: BlockMask -> FlexAttention, bool -> SDPA,
+    SequenceParallelMask -> its exchange around one of those (``L`` is then the slice's)."""
+    if isinstance(mask, SequenceParallelMask):
+        return mask.exchange(q, k, v, functools.partial(attend, mask=mask.mask))
     gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, BlockMask):
         if gqa and q.device.type == "cuda" and k.shape[-2] < FLEX_GQA_MIN_LENGTH:

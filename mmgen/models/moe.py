@@ -306,7 +306,8 @@ class MoEFeedForward(nn.Module):
         out = self.run_experts(rows, counts)
         per_assignment = x.new_zeros(n * k, x.shape[-1], dtype=out.dtype).index_copy(0, order, out)
         weights = routing.weights.to(out.dtype).reshape(n, k, 1)
-        return (per_assignment.view(n, k, -1) * weights).sum(1).to(x.dtype)
+        # the width spelt out: a tower with no tokens in this (context-parallel) slice has n = 0
+        return (per_assignment.view(n, k, x.shape[-1]) * weights).sum(1).to(x.dtype)
 
     def run_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Expert outputs for ``rows`` sorted by expert; an expert-parallel dispatcher (set from

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from mmgen.batch import MultimodalBatch
-from mmgen.models.attention import AttentionMask, build_mask, mask_layout, resolve_backend
+from mmgen.models.attention import (AttentionMask, SequenceParallelMask, build_mask, mask_layout,
+                                    resolve_backend)
 from mmgen.models.config import ModelConfig
 from mmgen.models.embedders import EMBEDDERS, embedder_names
 from mmgen.models.heads import HEADS, head_names
@@ -39,6 +40,7 @@ from mmgen.models.kv_cache import KVCache, last_positions
 from mmgen.models.layers import RMSNorm, RopeScaling, rope_cos_sin
 from mmgen.models.mot import TowerRouting, tower_ids
 from mmgen.models.trunk import build_blocks, run_trunk
+from mmgen.sequence_shard import shard_of
 
 
 def rope_scaling(cfg: ModelConfig) -> RopeScaling | None:
@@ -99,8 +101,12 @@ class UnifiedTransformer(nn.Module):
 
     def build_mask(self, batch: MultimodalBatch) -> AttentionMask:
         """The attention mask for ``batch`` (compiled from its span table) in the encoding
-        ``cfg.attention`` resolves to."""
+        ``cfg.attention`` resolves to. A context-parallel slice (``mmgen/sequence_shard.py``)
+        gets the whole batch's mask, wrapped with its group's exchange."""
         backend = resolve_backend(self.cfg.attention, batch.tokens.device)
+        shard = shard_of(batch)
+        if shard is not None:
+            return SequenceParallelMask(build_mask(shard.full, backend), shard.exchange)
         return build_mask(batch, backend)
 
     def embed(self, batch: MultimodalBatch, visual_in: torch.Tensor,

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from mmgen.batch import MultimodalBatch
+from mmgen.sequence_shard import shard_of
 
 
 POSITIONS = "positions"
@@ -69,6 +70,18 @@ def normalise(loss_sum: torch.Tensor, denominator: torch.Tensor | int | float) -
     graph-connected) sum, so clamping it to 1 returns 0 instead of NaN."""
     denom = torch.as_tensor(denominator, device=loss_sum.device).to(torch.float32)
     return loss_sum.float() / denom.clamp(min=1.0)
+
+
+def draw_patch_noise(batch: MultimodalBatch, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise like ``x0`` (``[N, D]``, the batch's continuous rows), on the
+    generator's device. A context-parallel slice draws the whole batch's noise and keeps its
+    own rows (``mmgen/sequence_shard.py``), so every position gets the number one process
+    would give it."""
+    shard = shard_of(batch)
+    if shard is None:
+        return torch.randn(x0.shape, generator=generator, device=generator.device)
+    full = torch.randn((shard.full.patches.shape[0], *x0.shape[1:]), generator=generator, device=generator.device)
+    return full[shard.patch_rows.to(full.device)]
 
 
 def position_count(batch: MultimodalBatch) -> dict[str, torch.Tensor]:

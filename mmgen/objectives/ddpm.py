@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from mmgen.batch import MultimodalBatch
-from mmgen.objectives.base import aux_losses, normalise, position_count
+from mmgen.objectives.base import aux_losses, draw_patch_noise, normalise, position_count
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.flow import visual_counts, visual_loss_mask
 from mmgen.objectives.next_token import next_token_loss_sum, text_counts, text_positions
@@ -76,7 +76,7 @@ def sample_ddpm(batch: MultimodalBatch, cfg: ObjectiveConfig, abars: torch.Tenso
     x0 = batch.patches.float()
     T = cfg.num_timesteps
     k = torch.randint(1, T + 1, (len(batch.spans),), generator=generator, device=generator.device).to(device)
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+    noise = draw_patch_noise(batch, x0, generator).to(device)
     k = torch.where(batch.spans.is_target.to(device), k, torch.zeros_like(k))
     cont = batch.continuous_mask()
     abar = abars.to(device)[k][batch.span_ids[cont]].float()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from mmgen.batch import MultimodalBatch
+from mmgen.objectives.base import draw_patch_noise
 from mmgen.objectives.config import ObjectiveConfig
 
 
@@ -56,7 +57,7 @@ def sample_flow(batch: MultimodalBatch, cfg: ObjectiveConfig,
     device = batch.patches.device
     x0 = batch.patches.float()
     span_t = sample_times(len(batch.spans), cfg, generator).to(device)
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+    noise = draw_patch_noise(batch, x0, generator).to(device)
     span_t = torch.where(batch.spans.is_target.to(device), span_t, torch.zeros_like(span_t))
     cont = batch.continuous_mask()
     t = span_t[batch.span_ids[cont]]

@@ -85,6 +85,28 @@ class Engine(ABC):
         """Process group of the data-parallel peers (None: the default group of all ranks)."""
         return self.dims.dp_group(self.dist.device.type)
 
+    @property
+    def grad_size(self) -> int:
+        """Ranks whose gradients are summed: data- x context-parallel peers (each context-
+        parallel rank holds the gradient of its own positions only)."""
+        return self.dims.dp * self.dims.cp
+
+    @property
+    def grad_group(self):
+        """Process group of :attr:`grad_size` (None: the default group of all ranks)."""
+        return self.dims.dp_cp_group(self.dist.device.type)
+
+    @property
+    def context(self):
+        """The context-parallel group's helper (``parallel.cp > 1``), else None."""
+        if self.dims.cp == 1:
+            return None
+        if getattr(self, "_context", None) is None:
+            from mmgen.parallel.context import ContextParallel
+
+            self._context = ContextParallel(self.dims, self.dist.device.type)
+        return self._context
+
     # -- the step ------------------------------------------------------------------------------
     def autocast(self):
         """Mixed precision of the forward (bf16 autocast per ``trainer.precision``)."""
@@ -108,18 +130,22 @@ class Engine(ABC):
                 per-micro-batch noise.
 
         Returns:
-            every loss name -> its detached fp32 sum over this rank's micro-batches.
+            every loss name -> its detached fp32 sum over this rank's micro-batches (with
+            context parallelism: over its group's, each rank having run its slice of them).
         """
         sums: dict[str, torch.Tensor] = {}
         last = len(micro_batches) - 1
+        context = self.context
         for i, batch in enumerate(micro_batches):
+            if context is not None:
+                batch = context.shard(batch)
             with self.accumulate(i == last):
                 with self.autocast():
                     losses = loss_fn(self.model, batch, i)
                 self.backward(losses["total"])
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        return sums
+        return sums if context is None else context.sum_losses(sums)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
@@ -166,8 +192,9 @@ class TorchEngine(Engine):
 
     def backward(self, loss: torch.Tensor) -> None:
         # the backend averages gradients over ranks; the loss is a global sum-normalised value,
-        # so the correct gradient is the sum over ranks: scale by the data-parallel size
-        (loss * self.dp_size).backward()
+        # so the correct gradient is the sum over ranks: scale by the data-parallel size (times
+        # the context-parallel size: those ranks hold different positions of the same rows)
+        (loss * self.grad_size).backward()
 
     def step(self, grad_clip: float) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.grad is not None]

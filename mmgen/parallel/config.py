@@ -61,6 +61,11 @@ class ParallelConfig:
             between the tensor-parallel regions (needs tp > 1).
         distributed_optimizer: megatron: shard optimizer states and fp32 master weights over
             the data-parallel ranks (megatron's DistributedOptimizer).
+        cp: context-parallel degree for long sequences (``parallel=ddp`` or ``fsdp2``): the
+            ``cp`` ranks of one data-parallel rank read the same rows and each keeps
+            ``seq_len / cp`` positions of every row (docs/sequence_parallel.md).
+        cp_impl: how attention sees the whole sequence under ``cp > 1``: ``ulysses`` (an
+            all-to-all over heads around attention; mmgen/parallel/context.py).
     """
 
     name: str = "ddp"
@@ -87,6 +92,8 @@ class ParallelConfig:
     pp: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    cp: int = 1
+    cp_impl: str = "ulysses"
 
     @property
     def is_zero(self) -> bool:
@@ -135,6 +142,7 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp < 2:
             raise ValueError("parallel.sequence_parallel=true splits the sequence over tensor-parallel ranks: "
                              "it needs parallel.tp >= 2")
+        check_context_parallel(self)
         if self.ds_config:
             if not self.is_zero:
                 raise ValueError(f"parallel.ds_config is a DeepSpeed JSON; it needs parallel=zero1|zero2|zero3, "
@@ -150,3 +158,32 @@ class ParallelConfig:
             from mmgen.parallel.megatron.checks import check_model
 
             check_model(self, model, seq_len)
+        if self.cp > 1:
+            from mmgen.parallel.context import check_model as check_cp_model
+
+            check_cp_model(self, model, seq_len)
+
+
+CP_IMPLS = ("ulysses",)
+CP_BACKENDS = ("ddp", "fsdp2")
+
+
+def check_context_parallel(cfg: ParallelConfig) -> None:
+    """``parallel.cp`` / ``cp_impl`` against the backend; ValueError, one line."""
+    if cfg.cp < 1:
+        raise ValueError(f"parallel.cp={cfg.cp} must be >= 1")
+    if cfg.cp_impl not in CP_IMPLS:
+        raise ValueError(f"parallel.cp_impl='{cfg.cp_impl}' must be one of {', '.join(CP_IMPLS)}")
+    if cfg.cp == 1 or cfg.name in CP_BACKENDS:
+        return
+    ulysses = f"parallel=ddp (or fsdp2) parallel.cp={cfg.cp} parallel.cp_impl=ulysses"
+    if cfg.name == "megatron":
+        import importlib.util
+
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ValueError(f"parallel.cp={cfg.cp} with parallel=megatron needs Transformer Engine (megatron's "
+                             f"context parallelism runs only in TEDotProductAttention; not importable here): "
+                             f"use Ulysses sequence parallelism instead, {ulysses}")
+        raise ValueError(f"parallel.cp={cfg.cp} with parallel=megatron: megatron's Transformer Engine context "
+                         f"parallelism is not wired into mmgen's megatron layers; use {ulysses}")
+    raise ValueError(f"parallel.cp={cfg.cp} runs with parallel=ddp or parallel=fsdp2, not '{cfg.name}' ({ulysses})")

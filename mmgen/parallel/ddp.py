@@ -24,9 +24,9 @@ class DDPEngine(TorchEngine):
         super().__init__(cfg.name, ctx)
         self.module = module
         dev = self.dist.device
-        if self.dp_size > 1:
+        if self.grad_size > 1:   # data-parallel (x context-parallel) peers sum their gradients
             self.model = DistributedDataParallel(
-                module, device_ids=[dev.index] if dev.type == "cuda" else None, process_group=self.dp_group,
+                module, device_ids=[dev.index] if dev.type == "cuda" else None, process_group=self.grad_group,
                 bucket_cap_mb=cfg.bucket_cap_mb, find_unused_parameters=cfg.find_unused_parameters,
                 gradient_as_bucket_view=cfg.gradient_as_bucket_view)
         else:

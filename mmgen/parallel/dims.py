@@ -5,9 +5,11 @@ data-parallel rank and size before the model is built (a bad shard pattern still
 before any weights are allocated), and the engine is built from the same object, so the data
 streams, the noise seeds and the loss-count reductions all use one layout.
 
-Ranks are laid out pp-major and tp-minor, ``rank = (pp_i * dp + dp_i) * tp + tp_i`` (the
-device-mesh order ``("pp", "dp", "tp")``): a tensor-parallel group is neighbouring ranks, the
-GPUs of one NVLink island. Expert parallelism splits the data-parallel ranks of the experts
+Ranks are laid out pp-major and tp-minor, ``rank = ((pp_i * dp + dp_i) * cp + cp_i) * tp + tp_i``
+(the device-mesh order ``("pp", "dp", "cp", "tp")``): a tensor-parallel group is neighbouring
+ranks, the GPUs of one NVLink island, and a context-parallel group (``cp``: Ulysses sequence
+parallelism, mmgen/parallel/context.py) the next ones; the ``cp`` ranks of one data-parallel
+rank read the same rows and each keeps its slice of the positions. Expert parallelism splits the data-parallel ranks of the experts
 (``ep`` divides ``dp``), so it is not a factor of the world size. Today every backend is
 data-parallel only (``tp = pp = ep = 1``, ``dp = world``); the megatron issue adds the
 config fields that set the others.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MESH_ORDER = ("pp", "dp", "tp")
+MESH_ORDER = ("pp", "dp", "cp", "tp")
 
 
 @dataclass
@@ -27,8 +29,9 @@ class ParallelDims:
         world_size: number of ranks.
         rank: this process's global rank.
         dp: data-parallel degree (ranks that read different data).
-        tp, pp: tensor- and pipeline-parallel degrees (``dp * tp * pp == world_size``).
+        tp, pp: tensor- and pipeline-parallel degrees (``dp * cp * tp * pp == world_size``).
         ep: expert-parallel degree (divides ``dp``).
+        cp: context-parallel degree (ranks that share rows and split their positions).
     """
 
     world_size: int
@@ -37,14 +40,15 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    cp: int = 1
     _meshes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if min(self.dp, self.tp, self.pp, self.ep) < 1:
+        if min(self.dp, self.tp, self.pp, self.ep, self.cp) < 1:
             raise ValueError(f"parallel degrees must be >= 1: {self.degrees()}")
-        if self.dp * self.tp * self.pp != self.world_size:
-            raise ValueError(f"parallel degrees dp={self.dp} x tp={self.tp} x pp={self.pp} must multiply to the "
-                             f"world size {self.world_size}")
+        if self.dp * self.cp * self.tp * self.pp != self.world_size:
+            raise ValueError(f"parallel degrees dp={self.dp} x cp={self.cp} x tp={self.tp} x pp={self.pp} must "
+                             f"multiply to the world size {self.world_size}")
         if self.dp % self.ep:
             raise ValueError(f"parallel: ep={self.ep} must divide dp={self.dp}")
         if not 0 <= self.rank < self.world_size:
@@ -60,19 +64,29 @@ class ParallelDims:
         """
         from mmgen.errors import ConfigError
 
-        tp, pp = getattr(cfg, "tp", 1), getattr(cfg, "pp", 1)
+        tp, pp, cp = getattr(cfg, "tp", 1), getattr(cfg, "pp", 1), getattr(cfg, "cp", 1)
         if world_size % (tp * pp):
             raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size "
                               f"{world_size}: the degrees must multiply to it (dp = world / (tp * pp))")
-        return cls(world_size=world_size, rank=rank, dp=world_size // (tp * pp), tp=tp, pp=pp)
+        if world_size % (tp * pp * cp):
+            raise ConfigError(f"parallel.cp={cp} x tp={tp} x pp={pp} = {tp * pp * cp} does not divide the world "
+                              f"size {world_size}: the degrees must multiply to it (dp = world / (cp * tp * pp))")
+        return cls(world_size=world_size, rank=rank, dp=world_size // (tp * pp * cp), tp=tp, pp=pp, cp=cp)
 
     @property
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel ranks (its data stream)."""
-        return (self.rank // self.tp) % self.dp
+        return (self.rank // (self.tp * self.cp)) % self.dp
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's index in its context-parallel group (which slice of the positions)."""
+        return (self.rank // self.tp) % self.cp
 
     def degrees(self) -> dict[str, int]:
-        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, "ep": self.ep}
+        # cp only when used, so the layouts of runs without it (meta.json) read as before
+        out = {"dp": self.dp, "tp": self.tp, "pp": self.pp, "ep": self.ep}
+        return {**out, "cp": self.cp} if self.cp > 1 else out
 
     def mesh(self, device_type: str):
         """The device mesh of this layout (dimensions of size 1 left out, except ``dp``).
@@ -82,7 +96,7 @@ class ParallelDims:
         if device_type not in self._meshes:
             from torch.distributed.device_mesh import init_device_mesh
 
-            sizes = {"pp": self.pp, "dp": self.dp, "tp": self.tp}
+            sizes = {"pp": self.pp, "dp": self.dp, "cp": self.cp, "tp": self.tp}
             names = tuple(n for n in MESH_ORDER if sizes[n] > 1 or n == "dp")
             self._meshes[device_type] = init_device_mesh(device_type, tuple(sizes[n] for n in names),
                                                          mesh_dim_names=names)
@@ -99,3 +113,24 @@ class ParallelDims:
         if self.dp == self.world_size:
             return None
         return self.dp_mesh(device_type).get_group()
+
+    def cp_group(self, device_type: str):
+        """The process group of this rank's context-parallel peers (``cp > 1`` only)."""
+        return self.mesh(device_type)["cp"].get_group()
+
+    def dp_cp_mesh(self, device_type: str):
+        """The 1-D mesh over the ranks that hold a replica (or shard) of the same weights and
+        sum their gradients: data-parallel x context-parallel peers (the data-parallel mesh
+        without context parallelism)."""
+        if self.cp == 1:
+            return self.dp_mesh(device_type)
+        key = (device_type, "dp_cp")
+        if key not in self._meshes:
+            self._meshes[key] = self.mesh(device_type)["dp", "cp"]._flatten("dp_cp")
+        return self._meshes[key]
+
+    def dp_cp_group(self, device_type: str):
+        """Process group of :meth:`dp_cp_mesh`; None (the default group) when it is every rank."""
+        if self.dp * self.cp == self.world_size:
+            return None
+        return self.dp_cp_mesh(device_type).get_group()

@@ -42,7 +42,8 @@ def parallelize(module: torch.nn.Module, cfg: ParallelConfig, ctx: EngineContext
 
     apply_block_transforms(module, cfg.activation_checkpointing, compile)
     ensure_process_group(ctx.dist, cfg.dist_backend, cfg.timeout_minutes)  # a mesh even for one process
-    mesh = ctx.dims.dp_mesh(ctx.dist.device.type)
+    # over data- x context-parallel peers: cp ranks hold the same weights, different positions
+    mesh = ctx.dims.dp_cp_mesh(ctx.dist.device.type)
     # fp32 parameters by default: the same numbers as DDP under autocast. bf16 all-gathers
     # half the bytes and computes in bf16; gradients are still reduced in fp32.
     policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[cfg.fsdp_param_dtype], reduce_dtype=torch.float32)

@@ -5,7 +5,8 @@ model, in one fixed order:
     TP/SP -> CP -> EP -> activation checkpointing -> compile -> FSDP/ZeRO
 
 (today only the last three exist: :func:`apply_block_transforms` is the middle of it, each
-backend adds its sharding). Then :func:`materialize` allocates the parameters (``to_empty``)
+backend adds its sharding; CP changes no module: the engine slices each micro-batch and the
+mask it carries brings the Ulysses exchange into attention, mmgen/parallel/context.py). Then :func:`materialize` allocates the parameters (``to_empty``)
 and initialises them so that every layout holds the same weights as one process: a layout
 that shards nothing (DDP; ZeRO, which partitions later, inside ``deepspeed.initialize``)
 initialises in place; a sharded one (FSDP2's DTensors) initialises an unsharded copy of the
