@@ -145,6 +145,18 @@ class Cases:
             del t
 
 
+    def moe_zero3(self) -> None:
+        """An MoE model under ZeRO-3 trains like DDP (the router's outputs are a NamedTuple,
+        so ZeRO-3's hooks gather its weight again in the backward)."""
+        for name, extra in {"moe_ddp": ["parallel=ddp"], "moe_zero3": ZERO3}.items():
+            t = self.trainer(name, [*TINY, "model=moe_debug", *extra, "trainer.steps=3", "checkpoint.every=100"])
+            t.train()
+            if self.dist.is_main:
+                self.record("moe_zero3", **{name: curve(self.out / name / "metrics.jsonl")})
+            barrier()
+            del t
+
+
 def _local_numel(p: torch.Tensor) -> int:  # (numel of a DTensor is its global size)
     """Elements this rank stores of a parameter: a DTensor's local shard, a ZeRO-3 partition."""
     if hasattr(p, "to_local"):
@@ -158,7 +170,7 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
 
 
-ORDER = ["init", "dp_subgroup", "meta_export"]
+ORDER = ["init", "dp_subgroup", "meta_export", "moe_zero3"]
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ and the state dict leave them alone; ``expert_bias`` is a persistent buffer (che
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -109,9 +109,10 @@ def _in_recomputation() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-@dataclass
-class Routing:
-    """What the router decided for ``N`` tokens and ``k`` choices each.
+class Routing(NamedTuple):
+    """What the router decided for ``N`` tokens and ``k`` choices each. A NamedTuple, not a
+    dataclass: ZeRO-3's module hooks find the tensors of tuple outputs only, and a router
+    output they cannot see leaves the router weight un-gathered in the backward.
 
     Args:
         logits: ``[N, E]`` router logits (fp32).
@@ -323,6 +324,11 @@ class MoEFeedForward(nn.Module):
             probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-20)
         # f_e from the routing decision (before capacity): what the router asked for
         frac = torch.bincount(routing.experts.reshape(-1), minlength=e).float() / max(routing.experts.numel(), 1)
+        if probs.shape[0] == 0:
+            # no tokens (a tower or sequence slice without any this step): zero losses, still
+            # connected to the router so every rank's backward reaches the same parameters
+            zero = 0 * routing.logits.sum()
+            return {BALANCE: zero, ZLOSS: zero}
         balance = e * (frac * probs.mean(0)).sum()
         z = torch.logsumexp(routing.logits, dim=-1).square().mean()
         return {BALANCE: balance, ZLOSS: z}
