@@ -10,6 +10,8 @@ from mmgen.parallel.registry import BACKENDS, check_backend
 # works on the command line too, and no pair of fields can disagree about the stage.
 ZERO_BACKENDS = tuple(n for n in BACKENDS if n.startswith("zero"))
 ACTIVATION_CHECKPOINTING = ("none", "torch", "deepspeed")
+# backends that implement parallel.ep (mmgen/parallel/ep.py wired into the engine)
+EP_BACKENDS = ("ddp", "fsdp2")
 
 
 @dataclass
@@ -61,6 +63,11 @@ class ParallelConfig:
             between the tensor-parallel regions (needs tp > 1).
         distributed_optimizer: megatron: shard optimizer states and fp32 master weights over
             the data-parallel ranks (megatron's DistributedOptimizer).
+        ep: expert-parallel degree (``parallel=ddp|fsdp2``; MoE models): each MoE FFN's
+            experts are split over ``ep`` neighbouring data-parallel ranks, tokens reach them by
+            all-to-all; everything else stays replicated (ddp) or sharded (fsdp2) as before.
+            Divides the data-parallel size and ``model.moe_experts`` (docs in
+            mmgen/models/README.md, "Expert parallelism").
     """
 
     name: str = "ddp"
@@ -87,6 +94,7 @@ class ParallelConfig:
     pp: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    ep: int = 1
 
     @property
     def is_zero(self) -> bool:
@@ -135,6 +143,14 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp < 2:
             raise ValueError("parallel.sequence_parallel=true splits the sequence over tensor-parallel ranks: "
                              "it needs parallel.tp >= 2")
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep={self.ep} must be >= 1")
+        if self.ep > 1 and self.name not in EP_BACKENDS:
+            raise ValueError(f"parallel.ep={self.ep} is implemented for parallel={' and parallel='.join(EP_BACKENDS)} "
+                             f"(plain-torch all-to-all), not parallel={self.name}")
+        if self.ep > 1 and self.name == "fsdp2" and self.fsdp_param_dtype != "fp32":
+            raise ValueError("parallel.ep>1 under fsdp2 keeps the experts out of fully_shard (fp32 parameters): "
+                             "use parallel.fsdp_param_dtype=fp32 (bf16 compute comes from trainer.precision)")
         if self.ds_config:
             if not self.is_zero:
                 raise ValueError(f"parallel.ds_config is a DeepSpeed JSON; it needs parallel=zero1|zero2|zero3, "
@@ -150,3 +166,11 @@ class ParallelConfig:
             from mmgen.parallel.megatron.checks import check_model
 
             check_model(self, model, seq_len)
+        if self.ep > 1:
+            from mmgen.models.moe import moe_layer_ids
+
+            if not moe_layer_ids(model):
+                raise ValueError(f"parallel.ep={self.ep} shards experts, but model '{getattr(model, 'name', '')}' "
+                                 f"(block={model.block}) has no MoE layer (use block=moe|motmoe)")
+            if model.moe_experts % self.ep:
+                raise ValueError(f"model.moe_experts={model.moe_experts} is not divisible by parallel.ep={self.ep}")
