@@ -82,3 +82,9 @@ def test_ep_must_divide_the_data_parallel_size():
     assert ParallelDims.from_config(cfg, 4, 1).ep == 2
     with pytest.raises(ConfigError, match="parallel.ep=2 does not divide the data-parallel size 3"):
         ParallelDims.from_config(cfg, 3, 0)
+
+
+def test_ep_refuses_rank0_sampling():
+    # a forward on rank 0 alone would wait forever for its EP peer's all-to-all
+    with pytest.raises(ConfigError, match="parallel=ddp parallel.ep=2"):
+        _job(["parallel.ep=2", "trainer.eval_at_end=true"])

@@ -146,8 +146,13 @@ class ParallelConfig:
         if self.ep < 1:
             raise ValueError(f"parallel.ep={self.ep} must be >= 1")
         if self.ep > 1 and self.name not in EP_BACKENDS:
+            # DeepSpeed's expert parallelism comes with its own MoE layer (deepspeed.moe: TopKGate,
+            # capacity-padded dispatch, its own aux loss; no sigmoid scores, z-loss or aux-free
+            # bias): mapping onto it would train another model than mmgen's router, so: refused
+            why = ("deepspeed.moe routes with its own TopKGate, not mmgen's router" if self.is_zero
+                   else "megatron's token dispatchers are not mapped yet")
             raise ValueError(f"parallel.ep={self.ep} is implemented for parallel={' and parallel='.join(EP_BACKENDS)} "
-                             f"(plain-torch all-to-all), not parallel={self.name}")
+                             f"(plain-torch all-to-all), not parallel={self.name} ({why})")
         if self.ep > 1 and self.name == "fsdp2" and self.fsdp_param_dtype != "fp32":
             raise ValueError("parallel.ep>1 under fsdp2 keeps the experts out of fully_shard (fp32 parameters): "
                              "use parallel.fsdp_param_dtype=fp32 (bf16 compute comes from trainer.precision)")
