@@ -120,6 +120,15 @@ def run_trainers(shapes: Path, out: Path, rank: int) -> dict:
             res[name]["resume_curve"] = curve(again)
             res[name]["resume_weights_equal"] = rank != 0 or (state.keys() == rstate.keys() and all(
                 torch.equal(state[k], rstate[k]) for k in state))
+            # resume at another EP degree (ep=1) from the step-2 checkpoint: the same weights
+            ck = out / again / "checkpoints" / "step_0000002"
+            x = trainer(f"{name}_resume_ep1", [f"parallel={backend}", "parallel.ep=1", f"checkpoint.resume={ck}"])
+            xstate = x.engine.model_state_dict()
+            if rank == 0:
+                from mmgen.checkpoint.export import consolidated_state_dict
+
+                ref = consolidated_state_dict(ck)
+                res[name]["resume_at_ep1_equal"] = x.state.step == 2 and all(torch.equal(ref[k], xstate[k]) for k in ref)
             # export: one safetensors file holding every expert, equal to the engine's weights
             target = out / f"{name}.safetensors"
             if rank == 0:

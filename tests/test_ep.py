@@ -58,6 +58,7 @@ def test_ep2_matches_ep1(tmp_path, shapes_dir):
         assert two["resume_weights_equal"] is True
         assert two["export_equal"] is True and two["export_w1_shape"][0] == 4   # one file, every expert
         assert two["init_from_ep1_equal"] is True
+        assert two["resume_at_ep1_equal"] is True      # a checkpoint of EP=2 resumes at EP=1
 
 
 def _job(extra: list[str]):

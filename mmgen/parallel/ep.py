@@ -127,6 +127,12 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
     return [params[n] for n in expert_slices(model)]
 
 
+def all_expert_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The routed experts' weights of every MoE FFN, split by EP or not (FSDP2 gives them their
+    own optimizer param groups at any EP degree, so its checkpoints resume across degrees)."""
+    return [getattr(m, w) for m in model.modules() if isinstance(m, Experts) for w in EXPERT_WEIGHTS]
+
+
 def expert_param_names(model: nn.Module) -> list[str]:
     """Names of the sharded expert parameters (for DDP's ignore list)."""
     return list(expert_slices(model))

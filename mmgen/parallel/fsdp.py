@@ -18,7 +18,8 @@ split (torchtitan's 2-D expert mesh), more machinery than the memory it saves at
 mmgen trains with EP today. So they stay plain fp32 tensors, replicated over the ``dp / ep`` ranks
 that hold the same experts; :meth:`TorchEngine.step` sums their gradients over those ranks and
 clips by the norm that counts each expert once; the optimizer keeps them in their own param
-groups (a foreach/fused step cannot mix DTensors and plain tensors). For DCP they are presented
+groups (a foreach/fused step cannot mix DTensors and plain tensors; at ep=1 too, so the groups,
+and with them the checkpoints, are the same at every EP degree). For DCP they are presented
 as DTensors sharded on dim 0 over the EP mesh, so a checkpoint holds the full expert set once
 (replicas deduplicated), exports whole and reshards on load to another EP degree or world size.
 
@@ -83,12 +84,12 @@ class FSDPEngine(TorchEngine):
         super().__init__(cfg.name, ctx)
         self.module = self.model = module
         self.optimizer = build_optimizer(optim, module)
-        self.ep_mesh = None
-        if self.dims.ep > 1:
-            from mmgen.parallel.ep import expert_params
+        from mmgen.parallel.ep import all_expert_weights
 
-            self.ep_mesh = self.dims.expert_mesh(self.dist.device.type)["ep"]
-            self.optimizer = split_expert_groups(self.optimizer, expert_params(module))
+        self.ep_mesh = self.dims.expert_mesh(self.dist.device.type)["ep"] if self.dims.ep > 1 else None
+        experts = all_expert_weights(module)
+        if experts:   # at every EP degree: the same groups, so DCP checkpoints resume across degrees
+            self.optimizer = split_expert_groups(self.optimizer, experts)
 
     def accumulate(self, is_last_microbatch: bool):
         # reduce-scatter once per optimizer step: earlier micro-batches keep unsharded grads
