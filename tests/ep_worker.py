@@ -1,6 +1,8 @@
-# Expert-parallel cases (EP=2 vs EP=1) in one torchrun launch: outputs, input and expert gradients.
-"""Run by tests/test_ep.py as ``torchrun --nproc-per-node 2 tests/ep_worker.py --out DIR``; rank 0
-writes ``OUT/results.json`` with the largest differences per case."""
+# Expert-parallel cases (EP=2 vs EP=1) in one torchrun launch: the layer, then the trainer under DDP and FSDP2.
+"""Run by tests/test_ep.py as ``torchrun --nproc-per-node 2 tests/ep_worker.py --out DIR
+[--shapes DIR]``; rank 0 writes ``OUT/results.json``: the layer cases' largest differences and,
+with ``--shapes``, per trainer case (moe_debug through the real Trainer, ``parallel.ep``=1 and 2
+under ddp and fsdp2) its loss curve, the resumed run's curve and weights, and the export."""
 from __future__ import annotations
 
 import argparse
@@ -69,9 +71,88 @@ def run_case(name: str, kw: dict, rank: int, world: int) -> dict:
     return out
 
 
+# the trainer cases: moe_debug, fp32 on one thread per rank (deterministic), 4 steps
+TRAIN = ["experiment=smoke", "model=moe_debug", "data.seq_len=128", "data.batch_size=4", "data.num_workers=0",
+         "trainer.steps=4", "trainer.log_every=1", "trainer.num_threads=1", "trainer.precision=fp32",
+         "trainer.device=cpu", "metrics.progress=false", "optim.warmup_steps=2", "trainer.seed=1234",
+         "checkpoint.every=2", "optim.grad_clip=0.05"]   # a clip that binds: the norm must count each expert once
+
+
+def run_trainers(shapes: Path, out: Path, rank: int) -> dict:
+    from mmgen.checkpoint.export import export_safetensors
+    from mmgen.cli.preflight import compose_job
+    from mmgen.parallel.dist import DistInfo, barrier
+    from mmgen.trainer.trainer import Trainer
+
+    info = DistInfo(rank=rank, world_size=dist.get_world_size(), local_rank=rank)
+
+    def trainer(name: str, extra: list[str]):
+        job = compose_job([*TRAIN, f"data.train_shards={shapes}/train", f"data.val_shards={shapes}/val",
+                           f"run_dir={out / name}", f"name={name}", *extra])
+        if rank == 0:
+            Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+        barrier()
+        return Trainer(job, info)
+
+    def curve(name: str) -> list[dict]:
+        recs = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith(("loss/", "optim/grad_norm"))} | {"step": r["step"]}
+                for r in recs if "loss/total" in r]
+
+    res: dict = {}
+    for backend in ("ddp", "fsdp2"):
+        for ep in (1, 2):
+            name = f"{backend}_ep{ep}"
+            t = trainer(name, [f"parallel={backend}", f"parallel.ep={ep}"])
+            t.train()
+            state = t.engine.model_state_dict()     # collective: experts gathered
+            res[name] = {"curve": curve(name), "expert_shape": list(t.engine.module.layers[0].feed_forward
+                                                                     .experts.w1.shape)}
+            if ep == 1:
+                continue
+            # interrupted at step 2 (checkpoint), restarted: bitwise the uninterrupted run
+            again = f"{name}_resume"
+            trainer(again, [f"parallel={backend}", f"parallel.ep={ep}"]).train(stop_at=2)
+            r = trainer(again, [f"parallel={backend}", f"parallel.ep={ep}"])
+            res[name]["resumed_at"] = r.state.step
+            r.train()
+            rstate = r.engine.model_state_dict()
+            res[name]["resume_curve"] = curve(again)
+            res[name]["resume_weights_equal"] = rank != 0 or (state.keys() == rstate.keys() and all(
+                torch.equal(state[k], rstate[k]) for k in state))
+            # resume at another EP degree (ep=1) from the step-2 checkpoint: the same weights
+            ck = out / again / "checkpoints" / "step_0000002"
+            x = trainer(f"{name}_resume_ep1", [f"parallel={backend}", "parallel.ep=1", f"checkpoint.resume={ck}"])
+            xstate = x.engine.model_state_dict()
+            if rank == 0:
+                from mmgen.checkpoint.export import consolidated_state_dict
+
+                ref = consolidated_state_dict(ck)
+                res[name]["resume_at_ep1_equal"] = x.state.step == 2 and all(torch.equal(ref[k], xstate[k]) for k in ref)
+            # export: one safetensors file holding every expert, equal to the engine's weights
+            target = out / f"{name}.safetensors"
+            if rank == 0:
+                export_safetensors(out / name, target)
+            barrier()
+            if rank == 0:
+                from safetensors.torch import load_file
+
+                exported = load_file(str(target))
+                res[name]["export_equal"] = exported.keys() == state.keys() and all(
+                    torch.equal(exported[k], state[k]) for k in state)
+                res[name]["export_w1_shape"] = list(exported["layers.0.feed_forward.experts.w1"].shape)
+            # another EP degree from this checkpoint: init_from (ep=1) holds the same weights
+            f = trainer(f"{name}_to_ep1", [f"parallel={backend}", "parallel.ep=1",
+                                           f"checkpoint.init_from={out / name}"])
+            fstate = f.engine.model_state_dict()
+            res[name]["init_from_ep1_equal"] = rank != 0 or all(torch.equal(fstate[k], state[k]) for k in state)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="")
     a = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -83,6 +164,8 @@ def main() -> None:
             gathered = [None] * world
             dist.all_gather_object(gathered, r)
             results[name] = gathered
+        if a.shapes:
+            results["train"] = run_trainers(Path(a.shapes), Path(a.out), rank)
     except Exception:
         failed = traceback.format_exc()
         print(f"rank {rank}: {failed}", file=sys.stderr, flush=True)

@@ -197,11 +197,26 @@ class TorchEngine(Engine):
         (loss * self.grad_size).backward()
 
     def step(self, grad_clip: float) -> torch.Tensor:
+        if self.dims.ep > 1:
+            return self._step_expert_parallel(grad_clip)
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = grad_clip if grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if hasattr(norm, "full_tensor"):      # sharded (DTensor) gradients: the global norm
             norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def _step_expert_parallel(self, grad_clip: float) -> torch.Tensor:
+        """``parallel.ep > 1``: the experts' gradients were left out of DDP's / FSDP's
+        reduction; sum them over the ranks holding the same experts, then clip by the norm in
+        which each expert counts once (mmgen/parallel/ep.py)."""
+        from mmgen.parallel.ep import clip_with_experts, reduce_expert_grads
+
+        dev = self.dist.device.type
+        reduce_expert_grads(self.module, self.dp_size, self.dims.expert_dp_group(dev))
+        norm = clip_with_experts(self.module, grad_clip, self.dims.ep_group(dev))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()

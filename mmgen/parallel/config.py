@@ -10,6 +10,8 @@ from mmgen.parallel.registry import BACKENDS, check_backend
 # works on the command line too, and no pair of fields can disagree about the stage.
 ZERO_BACKENDS = tuple(n for n in BACKENDS if n.startswith("zero"))
 ACTIVATION_CHECKPOINTING = ("none", "torch", "deepspeed")
+# backends that implement parallel.ep (mmgen/parallel/ep.py wired into the engine)
+EP_BACKENDS = ("ddp", "fsdp2")
 
 
 @dataclass
@@ -66,6 +68,11 @@ class ParallelConfig:
             ``seq_len / cp`` positions of every row (docs/sequence_parallel.md).
         cp_impl: how attention sees the whole sequence under ``cp > 1``: ``ulysses`` (an
             all-to-all over heads around attention; mmgen/parallel/context.py).
+        ep: expert-parallel degree (``parallel=ddp|fsdp2``; MoE models): each MoE FFN's
+            experts are split over ``ep`` neighbouring data-parallel ranks, tokens reach them by
+            all-to-all; everything else stays replicated (ddp) or sharded (fsdp2) as before.
+            Divides the data-parallel size and ``model.moe_experts`` (docs in
+            mmgen/models/README.md, "Expert parallelism").
     """
 
     name: str = "ddp"
@@ -94,6 +101,7 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     cp: int = 1
     cp_impl: str = "ulysses"
+    ep: int = 1
 
     @property
     def is_zero(self) -> bool:
@@ -143,6 +151,22 @@ class ParallelConfig:
             raise ValueError("parallel.sequence_parallel=true splits the sequence over tensor-parallel ranks: "
                              "it needs parallel.tp >= 2")
         check_context_parallel(self)
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep={self.ep} must be >= 1")
+        if self.ep > 1 and self.name not in EP_BACKENDS:
+            # DeepSpeed's expert parallelism comes with its own MoE layer (deepspeed.moe: TopKGate,
+            # capacity-padded dispatch, its own aux loss; no sigmoid scores, z-loss or aux-free
+            # bias): mapping onto it would train another model than mmgen's router, so: refused
+            why = ("deepspeed.moe routes with its own TopKGate, not mmgen's router" if self.is_zero
+                   else "megatron's token dispatchers are not mapped yet")
+            raise ValueError(f"parallel.ep={self.ep} is implemented for parallel={' and parallel='.join(EP_BACKENDS)} "
+                             f"(plain-torch all-to-all), not parallel={self.name} ({why})")
+        if self.ep > 1 and self.cp > 1:
+            raise ValueError(f"parallel.ep={self.ep} with parallel.cp={self.cp} is not supported yet (expert groups "
+                             f"are cut from data-parallel ranks only): use one of them")
+        if self.ep > 1 and self.name == "fsdp2" and self.fsdp_param_dtype != "fp32":
+            raise ValueError("parallel.ep>1 under fsdp2 keeps the experts out of fully_shard (fp32 parameters): "
+                             "use parallel.fsdp_param_dtype=fp32 (bf16 compute comes from trainer.precision)")
         if self.ds_config:
             if not self.is_zero:
                 raise ValueError(f"parallel.ds_config is a DeepSpeed JSON; it needs parallel=zero1|zero2|zero3, "
@@ -162,6 +186,14 @@ class ParallelConfig:
             from mmgen.parallel.context import check_model as check_cp_model
 
             check_cp_model(self, model, seq_len)
+        if self.ep > 1:
+            from mmgen.models.moe import moe_layer_ids
+
+            if not moe_layer_ids(model):
+                raise ValueError(f"parallel.ep={self.ep} shards experts, but model '{getattr(model, 'name', '')}' "
+                                 f"(block={model.block}) has no MoE layer (use block=moe|motmoe)")
+            if model.moe_experts % self.ep:
+                raise ValueError(f"model.moe_experts={model.moe_experts} is not divisible by parallel.ep={self.ep}")
 
 
 CP_IMPLS = ("ulysses",)

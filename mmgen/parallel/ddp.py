@@ -1,7 +1,14 @@
 # DDP backend: replicated model and optimizer, gradients all-reduced by DistributedDataParallel.
-"""``parallel=ddp`` (also the single-process path). Parallelize: activation checkpointing ->
-compile on the meta model; the DistributedDataParallel wrapper comes after materialisation
-(it broadcasts rank 0's parameters at construction, so it needs real ones)."""
+"""``parallel=ddp`` (also the single-process path). Parallelize: expert parallelism
+(``parallel.ep``) -> activation checkpointing -> compile on the meta model; the
+DistributedDataParallel wrapper comes after materialisation (it broadcasts rank 0's
+parameters at construction, so it needs real ones).
+
+With ``parallel.ep > 1`` each rank holds ``1/ep`` of the experts: DDP ignores those parameters
+(no broadcast, no all-reduce over all ranks; :meth:`TorchEngine.step` sums their gradients
+over the expert-data-parallel group), and checkpoints hold the full expert set, gathered over
+the EP group on save and cut again on load, so ``model.pt`` / ``optimizer.pt`` are the files
+of one process: resume works at any EP degree and ``mmgen export`` reads them unchanged."""
 from __future__ import annotations
 
 import json
@@ -13,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mmgen.optim import OptimConfig, build_optimizer
 from mmgen.parallel.base import EngineContext, TorchEngine
 from mmgen.parallel.config import ParallelConfig
-from mmgen.parallel.parallelize import apply_block_transforms
+from mmgen.parallel.parallelize import apply_block_transforms, apply_expert_parallel_from
 
 
 class DDPEngine(TorchEngine):
@@ -24,6 +31,11 @@ class DDPEngine(TorchEngine):
         super().__init__(cfg.name, ctx)
         self.module = module
         dev = self.dist.device
+        self.ep_group = self.dims.ep_group(dev.type) if self.dims.ep > 1 else None
+        if self.ep_group is not None:
+            from mmgen.parallel.ep import expert_param_names
+
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, expert_param_names(module))
         if self.grad_size > 1:   # data-parallel (x context-parallel) peers sum their gradients
             self.model = DistributedDataParallel(
                 module, device_ids=[dev.index] if dev.type == "cuda" else None, process_group=self.grad_group,
@@ -39,9 +51,16 @@ class DDPEngine(TorchEngine):
         return super().accumulate(is_last_microbatch)
 
     def save(self, path: Path) -> None:
+        if self.ep_group is not None:   # every rank: the experts are gathered (a collective)
+            from mmgen.parallel.ep import full_model_state, full_optimizer_state
+
+            model = full_model_state(self.module, self.module.state_dict(), self.ep_group)
+            optim = full_optimizer_state(self.module, self.optimizer, self.ep_group)
+        elif self.dist.is_main:
+            model, optim = self.module.state_dict(), self.optimizer.state_dict()
         if self.dist.is_main:  # replicated state: one copy is the whole state
-            torch.save(self.module.state_dict(), path / "model.pt")
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+            torch.save(model, path / "model.pt")
+            torch.save(optim, path / "optimizer.pt")
 
     def load(self, path: Path, trust: bool = False, own: bool = False) -> None:
         """Both files hold tensors and plain values: always read with weights_only=True
@@ -50,16 +69,31 @@ class DDPEngine(TorchEngine):
 
         dev = self.dist.device
         check_ddp_files(path)
-        self.module.load_state_dict(load_plain(path / "model.pt", map_location=dev, trustable=False))
-        self.optimizer.load_state_dict(load_plain(path / "optimizer.pt", map_location=dev, trustable=False))
+        model = load_plain(path / "model.pt", map_location=dev, trustable=False)
+        optim = load_plain(path / "optimizer.pt", map_location=dev, trustable=False)
+        if self.ep_group is not None:   # the files hold every expert: keep this rank's
+            from mmgen.parallel.ep import local_model_state, local_optimizer_state
+
+            model = local_model_state(self.module, model)
+            optim = local_optimizer_state(self.module, self.optimizer, optim)
+        self.module.load_state_dict(model)
+        self.optimizer.load_state_dict(optim)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        """The plain model's weights (with ``parallel.ep > 1`` a collective: the experts are
+        gathered, every rank gets the full set)."""
+        state = self.module.state_dict()
+        if self.ep_group is not None:
+            from mmgen.parallel.ep import full_model_state
+
+            state = full_model_state(self.module, state, self.ep_group)
+        return {k: v.detach().cpu() for k, v in state.items()}
 
 
 # -- the backend's registry functions (mmgen.parallel.registry) ----------------------------------
 def parallelize(model: torch.nn.Module, cfg: ParallelConfig, ctx: EngineContext, *, compile: bool) -> None:
-    """Activation checkpointing -> compile, on the meta-device plain model."""
+    """Expert parallelism -> activation checkpointing -> compile, on the meta-device plain model."""
+    apply_expert_parallel_from(model, cfg, ctx)
     apply_block_transforms(model, cfg.activation_checkpointing, compile)
 
 

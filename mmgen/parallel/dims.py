@@ -10,9 +10,12 @@ Ranks are laid out pp-major and tp-minor, ``rank = ((pp_i * dp + dp_i) * cp + cp
 ranks, the GPUs of one NVLink island, and a context-parallel group (``cp``: Ulysses sequence
 parallelism, mmgen/parallel/context.py) the next ones; the ``cp`` ranks of one data-parallel
 rank read the same rows and each keeps its slice of the positions. Expert parallelism splits the data-parallel ranks of the experts
-(``ep`` divides ``dp``), so it is not a factor of the world size. Today every backend is
-data-parallel only (``tp = pp = ep = 1``, ``dp = world``); the megatron issue adds the
-config fields that set the others.
+(``ep`` divides ``dp``), so it is not a factor of the world size. The
+``ep`` neighbouring data-parallel ranks form an expert-parallel group (they hold different
+experts and exchange tokens), and the ranks ``ep`` apart, holding the same experts, an
+expert-data-parallel group (``dp / ep`` ranks) over which expert gradients are summed
+(``parallel.ep``, ddp and fsdp2: mmgen/parallel/ep.py; not combined with ``cp`` yet). tp and
+pp are megatron's (``parallel.tp``, ``parallel.pp``).
 """
 from __future__ import annotations
 
@@ -64,14 +67,18 @@ class ParallelDims:
         """
         from mmgen.errors import ConfigError
 
-        tp, pp, cp = getattr(cfg, "tp", 1), getattr(cfg, "pp", 1), getattr(cfg, "cp", 1)
+        tp, pp, cp, ep = (getattr(cfg, k, 1) for k in ("tp", "pp", "cp", "ep"))
         if world_size % (tp * pp):
             raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size "
                               f"{world_size}: the degrees must multiply to it (dp = world / (tp * pp))")
         if world_size % (tp * pp * cp):
             raise ConfigError(f"parallel.cp={cp} x tp={tp} x pp={pp} = {tp * pp * cp} does not divide the world "
                               f"size {world_size}: the degrees must multiply to it (dp = world / (cp * tp * pp))")
-        return cls(world_size=world_size, rank=rank, dp=world_size // (tp * pp * cp), tp=tp, pp=pp, cp=cp)
+        dp = world_size // (tp * pp * cp)
+        if dp % ep:
+            raise ConfigError(f"parallel.ep={ep} does not divide the data-parallel size {dp} (world size "
+                              f"{world_size}): expert-parallel groups are made of data-parallel ranks")
+        return cls(world_size=world_size, rank=rank, dp=dp, tp=tp, pp=pp, cp=cp, ep=ep)
 
     @property
     def dp_rank(self) -> int:
@@ -106,6 +113,29 @@ class ParallelDims:
         """The 1-D mesh over this rank's data-parallel peers (FSDP shards over it)."""
         mesh = self.mesh(device_type)
         return mesh if mesh.ndim == 1 else mesh["dp"]
+
+    def expert_mesh(self, device_type: str):
+        """The 2-D mesh ``("edp", "ep")`` over the data-parallel ranks (``ep`` neighbours per
+        expert-parallel group); tp = pp = 1 layouts only (the backends with ``parallel.ep``)."""
+        key = ("experts", device_type)
+        if key not in self._meshes:
+            if self.dp != self.world_size:
+                raise ValueError(f"parallel.ep needs a data-parallel-only layout: {self.degrees()}")
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._meshes[key] = init_device_mesh(device_type, (self.dp // self.ep, self.ep),
+                                                 mesh_dim_names=("edp", "ep"))
+        return self._meshes[key]
+
+    def ep_group(self, device_type: str):
+        """Ranks that hold different experts and exchange tokens (``ep`` of them)."""
+        return self.expert_mesh(device_type)["ep"].get_group()
+
+    def expert_dp_group(self, device_type: str):
+        """Ranks that hold the same experts (``dp / ep``); None when there is one of each."""
+        if self.dp == self.ep:
+            return None
+        return self.expert_mesh(device_type)["edp"].get_group()
 
     def dp_group(self, device_type: str):
         """The process group of this rank's data-parallel peers; None (the default group)

@@ -10,6 +10,19 @@ process. Each block's parameters are all-gathered just before its forward/backwa
 after (``parallel.reshard_after_forward``), gradients are reduce-scattered. The optimizer is
 mmgen's AdamW over the sharded parameters, so its states are sharded too.
 
+Expert parallelism (``parallel.ep > 1``) runs first: each rank keeps ``1/ep`` of every MoE
+FFN's experts (mmgen/parallel/ep.py). Those weights are left out of ``fully_shard``
+(``ignored_params``): they are already split over the EP group, and sharding them again over the
+expert-data-parallel ranks would need FSDP over a second mesh plus DTensors that know the EP
+split (torchtitan's 2-D expert mesh), more machinery than the memory it saves at the sizes
+mmgen trains with EP today. So they stay plain fp32 tensors, replicated over the ``dp / ep`` ranks
+that hold the same experts; :meth:`TorchEngine.step` sums their gradients over those ranks and
+clips by the norm that counts each expert once; the optimizer keeps them in their own param
+groups (a foreach/fused step cannot mix DTensors and plain tensors; at ep=1 too, so the groups,
+and with them the checkpoints, are the same at every EP degree). For DCP they are presented
+as DTensors sharded on dim 0 over the EP mesh, so a checkpoint holds the full expert set once
+(replicas deduplicated), exports whole and reshards on load to another EP degree or world size.
+
 Checkpoints go through torch.distributed.checkpoint (DCP): every rank writes its shards under
 ``step_N/fsdp/``, and a resume may use another number of ranks (DCP reshards on load).
 ``mmgen export`` turns the directory into one plain state dict (DCP's own conversion). DCP
@@ -29,7 +42,7 @@ from mmgen.optim import OptimConfig, build_optimizer
 from mmgen.parallel.base import EngineContext, TorchEngine
 from mmgen.parallel.config import ParallelConfig
 from mmgen.parallel.dist import ensure_process_group
-from mmgen.parallel.parallelize import apply_block_transforms
+from mmgen.parallel.parallelize import apply_block_transforms, apply_expert_parallel_from
 
 FSDP_DIR = "fsdp"
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -40,10 +53,14 @@ def parallelize(module: torch.nn.Module, cfg: ParallelConfig, ctx: EngineContext
     meta-device plain model (registry function)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    apply_block_transforms(module, cfg.activation_checkpointing, compile)
+    from mmgen.parallel.ep import expert_params
+
     ensure_process_group(ctx.dist, cfg.dist_backend, cfg.timeout_minutes)  # a mesh even for one process
+    apply_expert_parallel_from(module, cfg, ctx)
+    apply_block_transforms(module, cfg.activation_checkpointing, compile)
     # over data- x context-parallel peers: cp ranks hold the same weights, different positions
     mesh = ctx.dims.dp_cp_mesh(ctx.dist.device.type)
+    ignored = set(expert_params(module)) or None   # EP's experts: split already (module docstring)
     # fp32 parameters by default: the same numbers as DDP under autocast. bf16 all-gathers
     # half the bytes and computes in bf16; gradients are still reduced in fp32.
     policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[cfg.fsdp_param_dtype], reduce_dtype=torch.float32)
@@ -51,10 +68,11 @@ def parallelize(module: torch.nn.Module, cfg: ParallelConfig, ctx: EngineContext
     for i, block in enumerate(module.layers):
         # the last block's backward starts right after its forward: freeing its parameters
         # in between would only gather them again at once
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward and i < last)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward and i < last,
+                    ignored_params=ignored)
     # the root keeps the embeddings, norm and heads; it is gathered for the whole forward
     # (the tied text head reads tok_embeddings.weight after the blocks)
-    fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy, ignored_params=ignored)
 
 
 def build_engine(module: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, ctx: EngineContext):
@@ -67,6 +85,12 @@ class FSDPEngine(TorchEngine):
         super().__init__(cfg.name, ctx)
         self.module = self.model = module
         self.optimizer = build_optimizer(optim, module)
+        from mmgen.parallel.ep import all_expert_weights
+
+        self.ep_mesh = self.dims.expert_mesh(self.dist.device.type)["ep"] if self.dims.ep > 1 else None
+        experts = all_expert_weights(module)
+        if experts:   # at every EP degree: the same groups, so DCP checkpoints resume across degrees
+            self.optimizer = split_expert_groups(self.optimizer, experts)
 
     def accumulate(self, is_last_microbatch: bool):
         # reduce-scatter once per optimizer step: earlier micro-batches keep unsharded grads
@@ -77,7 +101,40 @@ class FSDPEngine(TorchEngine):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optim = get_state_dict(self.module, self.optimizer)
+        if self.ep_mesh is not None:
+            model, optim = self._experts_as_dtensors(model, optim)
         return {"model": model, "optimizer": optim}
+
+    def _experts_as_dtensors(self, model: dict, optim: dict) -> tuple[dict, dict]:
+        """EP's plain expert slices (weights and their Adam moments) as DTensors sharded on
+        dim 0 over the EP mesh: DCP then stores one full expert set (module docstring)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        from mmgen.parallel.ep import expert_slices
+
+        def wrap(t):
+            return DTensor.from_local(t, self.ep_mesh, [Shard(0)], run_check=False)
+
+        names = expert_slices(self.module)
+        model = {k: wrap(v) if k in names else v for k, v in model.items()}
+        state = optim.get("state", {})
+        for k in names:
+            if k in state:
+                shape = model[k].to_local().shape
+                state[k] = {n: wrap(v) if torch.is_tensor(v) and v.shape == shape else v for n, v in state[k].items()}
+        return model, optim
+
+    @staticmethod
+    def _experts_as_local(model: dict, optim: dict) -> tuple[dict, dict]:
+        from torch.distributed.tensor import DTensor
+
+        def unwrap(v):
+            return v.to_local() if isinstance(v, DTensor) and v.device_mesh.mesh_dim_names == ("ep",) else v
+
+        model = {k: unwrap(v) for k, v in model.items()}
+        optim = {**optim, "state": {k: {n: unwrap(v) for n, v in s.items()} if isinstance(s, dict) else s
+                                    for k, s in optim.get("state", {}).items()}}
+        return model, optim
 
     def save(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -108,6 +165,8 @@ class FSDPEngine(TorchEngine):
             if refused is None:
                 raise
             raise refused from None
+        if self.ep_mesh is not None:
+            state["model"], state["optimizer"] = self._experts_as_local(state["model"], state["optimizer"])
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 
@@ -117,8 +176,27 @@ class FSDPEngine(TorchEngine):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_model_state_dict)
 
-        return get_model_state_dict(self.module, options=StateDictOptions(
+        state = get_model_state_dict(self.module, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False))
+        if self.ep_mesh is not None:   # every rank gathers the experts; rank 0 keeps them
+            from mmgen.parallel.ep import full_model_state
+
+            full = full_model_state(self.module, {}, self.ep_mesh.get_group())
+            if state:
+                state.update({k: v.detach().cpu() for k, v in full.items()})
+        return state
+
+
+def split_expert_groups(optimizer, experts: list) -> torch.optim.Optimizer:
+    """The same optimizer with each param group split into its non-expert and expert parts:
+    a foreach or fused step runs per group and cannot mix DTensors with plain tensors."""
+    ids = {id(p) for p in experts}
+    groups = []
+    for g in optimizer.param_groups:
+        for part in ([p for p in g["params"] if id(p) not in ids], [p for p in g["params"] if id(p) in ids]):
+            if part:
+                groups.append({**g, "params": part})
+    return type(optimizer)(groups)   # every hyper-parameter travels in the group dicts
 
 
 # -- DCP without pickle ---------------------------------------------------------------------------

@@ -4,12 +4,13 @@ model, in one fixed order:
 
     TP/SP -> CP -> EP -> activation checkpointing -> compile -> FSDP/ZeRO
 
-(today only the last three exist: :func:`apply_block_transforms` is the middle of it, each
-backend adds its sharding; CP changes no module: the engine slices each micro-batch and the
-mask it carries brings the Ulysses exchange into attention, mmgen/parallel/context.py). Then :func:`materialize` allocates the parameters (``to_empty``)
+(:func:`apply_expert_parallel_from` is EP for ddp/fsdp2, :func:`apply_block_transforms` the
+middle, each backend adds its sharding; CP changes no module: the engine slices each
+micro-batch and the mask it carries brings the Ulysses exchange into attention,
+mmgen/parallel/context.py). Then :func:`materialize` allocates the parameters (``to_empty``)
 and initialises them so that every layout holds the same weights as one process: a layout
 that shards nothing (DDP; ZeRO, which partitions later, inside ``deepspeed.initialize``)
-initialises in place; a sharded one (FSDP2's DTensors) initialises an unsharded copy of the
+initialises in place; a sharded one (FSDP2's DTensors, or experts split by EP) initialises an unsharded copy of the
 model in the same order and copies each rank's part out of it. The unsharded copy costs one
 full model per rank on the device for a moment (4.8 GB at the 1b flavor in fp32); seeding
 each parameter from (seed, name) would avoid it, but would change today's weights.
@@ -48,6 +49,24 @@ def apply_block_transforms(model: nn.Module, activation_checkpointing: str, comp
         apply_compile(model)
 
 
+def apply_expert_parallel_from(model: nn.Module, cfg, ctx) -> None:
+    """EP (``parallel.ep > 1``): split each MoE FFN's experts over the expert-parallel group
+    (mmgen/parallel/ep.py), on the meta model; a no-op at ep=1.
+
+    Args:
+        model: the meta-device plain model.
+        cfg: the ParallelConfig.
+        ctx: the EngineContext (its dims hold the EP groups).
+    """
+    if getattr(cfg, "ep", 1) <= 1:
+        return
+    from mmgen.parallel.dist import ensure_process_group
+    from mmgen.parallel.ep import apply_expert_parallel
+
+    ensure_process_group(ctx.dist, cfg.dist_backend, cfg.timeout_minutes)
+    apply_expert_parallel(model, ctx.dims.ep_group(ctx.dist.device.type))
+
+
 def _is_sharded(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -69,12 +88,15 @@ def materialize(model: nn.Module, reference: nn.Module, device: torch.device,
             ``init`` with ``loads_local`` (:class:`mmgen.parallel.pretrained.PretrainedInit`)
             fills sharded parameters itself (``init.load_local``), with no reference.
     """
+    from mmgen.parallel.ep import expert_slices
+
     tensors = [*model.parameters(), *model.buffers()]
     if not all(t.is_meta for t in tensors):
         raise ValueError("materialize takes the meta-device model (build it under torch.device('meta'))")
-    sharded = any(_is_sharded(t) for t in tensors)
+    ep_split = bool(expert_slices(model))   # this rank's experts are cut from a full set too
+    sharded = ep_split or any(_is_sharded(t) for t in tensors)
     model.to_empty(device=device)
-    if sharded and getattr(init, "loads_local", False):
+    if sharded and not ep_split and getattr(init, "loads_local", False):
         init.load_local(model)  # pretrained weights straight into the shards (parallel/pretrained.py)
         return
     if not sharded:
@@ -88,10 +110,13 @@ def materialize(model: nn.Module, reference: nn.Module, device: torch.device,
 @torch.no_grad()
 def copy_full_weights(model: nn.Module, reference: nn.Module) -> None:
     """Copy every parameter and buffer of the unsharded ``reference`` into ``model``: plain
-    tensors whole, DTensors their local part (cut locally, no communication: every rank holds
-    the same reference)."""
+    tensors whole, DTensors their local part, expert weights split by EP this rank's experts
+    (cut locally, no communication: every rank holds the same reference)."""
     from torch.distributed.tensor import distribute_tensor
 
+    from mmgen.parallel.ep import expert_slices
+
+    experts = expert_slices(model)
     want = dict(reference.named_parameters())
     want.update(reference.named_buffers())
     have = dict(model.named_parameters())
@@ -100,6 +125,8 @@ def copy_full_weights(model: nn.Module, reference: nn.Module) -> None:
         raise RuntimeError(f"parallelize changed the parameter names: {sorted(have.keys() ^ want.keys())[:5]}")
     for name, dst in have.items():
         src = want[name]
+        if name in experts:
+            src = src[experts[name][0]:experts[name][1]]
         if _is_sharded(dst):
             src = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
         dst.copy_(src)

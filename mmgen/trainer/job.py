@@ -81,9 +81,11 @@ class JobConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         sharded = self.parallel.name in ("zero3", "fsdp2", "megatron")
-        if sharded and (self.trainer.sample_every or self.trainer.eval_at_end):
+        if (sharded or self.parallel.ep > 1) and (self.trainer.sample_every or self.trainer.eval_at_end):
+            # (expert parallelism: a forward on rank 0 alone would wait for its EP peers' all-to-all)
+            layout = f"parallel={self.parallel.name}" + (f" parallel.ep={self.parallel.ep}" if self.parallel.ep > 1 else "")
             raise ConfigError("trainer.sample_every / trainer.eval_at_end sample on rank 0 alone, which needs the "
-                              f"whole model: not available under parallel={self.parallel.name} (use `mmgen sample` / "
+                              f"whole model: not available under {layout} (use `mmgen sample` / "
                               "`mmgen eval` on the run's checkpoint instead)")
         if not self.name or "/" in self.name:
             raise ConfigError(f"name='{self.name}' must be a non-empty run name without '/'")
