@@ -9,7 +9,6 @@ import torch
 
 from mmgen.batch import CONTINUOUS, DISCRETE
 from mmgen.cli.preflight import compose_job, one_line
-from mmgen.errors import ConfigError
 from mmgen.models.codecs import LatentCodec, VisualCodec, build_codec
 from mmgen.models.codecs.pretrained import DiffusersCodec
 from tests.codec_assets import make_kl, make_vq
