@@ -3,8 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmgen.models.codecs.config import AutoencoderConfig
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 VISUAL_POS = ("learned", "none")
+# what build_model builds: the unified transformer, or one of mmgen's trainable codecs (a run
+# that trains a VAE / VQ tokenizer through the same trainer, objective vae / vq)
+FAMILIES = ("transformer", "vae", "vq")
 
 
 @dataclass
@@ -30,6 +35,9 @@ class ModelConfig:
             training job derives it from the objective (each objective names the heads it
             trains, ``Objective.heads``), so no parameter goes without a gradient; the default
             here is Transfusion's pair.
+        family: "transformer" (everything above), or "vae" / "vq": the model is then a
+            convolutional codec shaped by ``autoencoder`` and the transformer fields are unused.
+        autoencoder: the codec's shape (``family`` vae or vq only).
     """
 
     name: str = "debug"
@@ -51,6 +59,8 @@ class ModelConfig:
     timestep_dim: int = 256
     block: str = "dense"
     heads: list[str] = field(default_factory=lambda: ["lm", "flow"])
+    family: str = "transformer"
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     @property
     def head_dim(self) -> int:
@@ -58,6 +68,11 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         """Raise ValueError on an inconsistent shape; returns self so calls can chain."""
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family='{self.family}' not in {FAMILIES}")
+        if self.family != "transformer":
+            self.autoencoder.validate()
+            return self
         positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                     "patch_dim", "timestep_dim")
         for name in positive:

@@ -4,11 +4,14 @@ from __future__ import annotations
 from mmgen.objectives.base import Objective, aux_losses, normalise, weighted_total
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.next_token import NextTokenObjective
+from mmgen.objectives.reconstruction import VAEObjective, VQObjective
 from mmgen.objectives.transfusion import TransfusionObjective
 
 OBJECTIVES = {
     "transfusion": TransfusionObjective,
     "next_token": NextTokenObjective,
+    "vae": VAEObjective,   # train mmgen's codecs (model.family vae / vq)
+    "vq": VQObjective,
 }
 
 
@@ -25,5 +28,10 @@ def objective_heads(name: str) -> list[str]:
     return list(OBJECTIVES[name].heads)
 
 
+def objective_family(name: str) -> str:
+    """The ``model.family`` objective ``name`` trains ("transformer" unless it says otherwise)."""
+    return getattr(OBJECTIVES[name], "family", "") or "transformer"
+
+
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "aux_losses", "build_objective",
-           "normalise", "objective_heads", "weighted_total"]
+           "normalise", "objective_family", "objective_heads", "weighted_total"]

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 PREDICTIONS = ("v", "x", "eps")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+RECON_LOSSES = ("l1", "l2")
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ObjectiveConfig:
         time_sampling: "uniform" or "logit_normal" (SD3) for the target spans' t.
         t_eps: floor of the t (x-prediction) or 1 - t (eps-prediction) divisor when converting
             a prediction to a velocity.
+        recon_loss: reconstruction loss of the codec objectives (vae, vq): "l1" or "l2".
     """
 
     name: str = "transfusion"
@@ -30,6 +32,7 @@ class ObjectiveConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     t_eps: float = 0.05
+    recon_loss: str = "l1"
 
     def validate(self) -> "ObjectiveConfig":
         if self.prediction not in PREDICTIONS:
@@ -39,6 +42,8 @@ class ObjectiveConfig:
                              f"{TIME_SAMPLINGS}")
         if self.logit_std <= 0:
             raise ValueError(f"objective.logit_std must be positive, got {self.logit_std}")
+        if self.recon_loss not in RECON_LOSSES:
+            raise ValueError(f"objective.recon_loss='{self.recon_loss}' not in {RECON_LOSSES}")
         if not 0 < self.t_eps < 1:
             raise ValueError(f"objective.t_eps must be in (0, 1), got {self.t_eps}")
         return self

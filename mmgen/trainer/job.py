@@ -75,6 +75,7 @@ class JobConfig:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
                               f"{tokenizer.vocab_size} ids")
         self._validate_heads()
+        self._validate_family()
         sharded = self.parallel.name in ("zero3", "fsdp2")
         if sharded and (self.trainer.sample_every or self.trainer.eval_at_end):
             raise ConfigError("trainer.sample_every / trainer.eval_at_end sample on rank 0 alone, which needs the "
@@ -83,6 +84,27 @@ class JobConfig:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name='{self.name}' must be a non-empty run name without '/'")
 
+
+    def _validate_family(self) -> None:
+        """A codec family (model.family vae / vq) trains with its own objective, on pixels, under
+        DDP (its model has no transformer blocks to shard, checkpoint or compile one by one)."""
+        from mmgen.objectives import objective_family
+
+        m, family = self.model, objective_family(self.objective.name)
+        if family != m.family:
+            raise ConfigError(f"objective={self.objective.name} trains model.family={family}, but "
+                              f"model.family={m.family}")
+        if m.family == "transformer":
+            return
+        p = self.parallel
+        if self.data.codec != "pixels":
+            raise ConfigError(f"model.family={m.family} learns from pixels: data.codec must be pixels, "
+                              f"got {self.data.codec}")
+        if p.name != "ddp" or p.activation_checkpointing != "none" or self.trainer.compile:
+            raise ConfigError(f"model.family={m.family} trains under parallel=ddp without "
+                              f"activation checkpointing or trainer.compile (got parallel={p.name}, "
+                              f"activation_checkpointing={p.activation_checkpointing}, "
+                              f"compile={self.trainer.compile})")
 
     def _validate_heads(self) -> None:
         from mmgen.objectives import objective_heads
