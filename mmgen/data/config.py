@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mmgen.models.codecs import CODECS, VisualCodec, build_codec
+from mmgen.models.codecs import CODEC_LOADERS, CODECS, VisualCodec, build_codec, codec_known
 from mmgen.models.tokenizers import TOKENIZERS
 
 # Framing tokens of the smallest image document: [BOS] [BOI] <image> [EOI] [EOS].
@@ -128,8 +128,9 @@ class DataConfig:
 
         need(self.image_size > 0 and self.patch_size > 0,
              f"image_size ({self.image_size}) and patch_size ({self.patch_size}) must be > 0")
-        need(self.codec in CODECS,
-             f"codec={self.codec!r} is not one of {', '.join(sorted(CODECS))}")
+        need(codec_known(self.codec),
+             f"codec={self.codec!r} is not one of {', '.join(sorted(CODECS))} nor <kind>:<path> "
+             f"with kind one of {', '.join(sorted(CODEC_LOADERS))}")
         need(self.tokenizer in TOKENIZERS,
              f"tokenizer={self.tokenizer!r} is not one of {', '.join(sorted(TOKENIZERS))}")
         self._check_grid("image_size", self.image_size)

@@ -58,6 +58,7 @@ class JobConfig:
         from mmgen.models import check_registered
 
         d, m = self.data, self.model
+        self._validate_family()   # first: a transformer objective on a codec model has no heads
         try:
             check_registered(m)
         except ValueError as e:
@@ -75,7 +76,6 @@ class JobConfig:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
                               f"{tokenizer.vocab_size} ids")
         self._validate_heads()
-        self._validate_family()
         sharded = self.parallel.name in ("zero3", "fsdp2")
         if sharded and (self.trainer.sample_every or self.trainer.eval_at_end):
             raise ConfigError("trainer.sample_every / trainer.eval_at_end sample on rank 0 alone, which needs the "
