@@ -18,6 +18,7 @@ from mmgen.trainer.job import JobConfig
 # registered by mmgen.cli.preflight
 PATCH_DIM = "${patch_dim:${data.codec},${data.patch_size}}"
 HEADS = "${objective_heads:${objective.name}}"
+FAMILY = "${objective_family:${objective.name}}"   # the transformer, or a codec (objective vae / vq)
 
 
 def register_configs() -> None:
@@ -30,7 +31,7 @@ def register_configs() -> None:
     cs.store(name="job_schema", node=JobConfig)
     for name, flavor in FLAVORS.items():
         cs.store(group="model", name=name, node={**dataclasses.asdict(flavor), "patch_dim": PATCH_DIM,
-                                               "heads": HEADS})
+                                               "heads": HEADS, "family": FAMILY})
 
 
 def group_options(group: str) -> list[str]:

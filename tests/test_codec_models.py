@@ -233,6 +233,8 @@ def test_codec_family_needs_its_objective_and_ddp():
     with pytest.raises(ConfigError, match="trains under parallel=ddp"):
         compose_job(["experiment=codec_vae_shapes", "parallel=fsdp2", "trainer.sample_every=0"])
     with pytest.raises(ConfigError, match="trains model.family=vae, but model.family=transformer"):
-        compose_job(["experiment=smoke", "objective=vae"])
+        compose_job(["objective=vae", "model.family=transformer"])
+    # the family follows the objective, as the heads do
+    assert compose_job(["objective=vq"]).model.family == "vq"
     job = compose_job(["experiment=codec_vae_shapes"])
     assert job.model.heads == [] and job.model.autoencoder.downsample == 4

@@ -34,6 +34,11 @@ def register_resolvers() -> None:
 
         # model.heads = the heads the objective trains (mmgen/models/README.md)
         OmegaConf.register_new_resolver("objective_heads", objective_heads)
+    if not OmegaConf.has_resolver("objective_family"):
+        from mmgen.objectives import objective_family
+
+        # model.family = what the objective trains (objective=vae / vq: mmgen's own codecs)
+        OmegaConf.register_new_resolver("objective_family", objective_family)
 
 
 def _payload_dim(codec: str, patch_size) -> int:

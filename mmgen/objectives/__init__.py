@@ -30,6 +30,8 @@ def objective_heads(name: str) -> list[str]:
 
 def objective_family(name: str) -> str:
     """The ``model.family`` objective ``name`` trains ("transformer" unless it says otherwise)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{name}' (available: {', '.join(OBJECTIVES)})")
     return getattr(OBJECTIVES[name], "family", "") or "transformer"
 
 

@@ -46,8 +46,8 @@ def build_codec(name: str, patch_size: int) -> VisualCodec:
     kind, sep, path = name.partition(":")
     if sep and kind in CODEC_LOADERS and path:
         return CODEC_LOADERS[kind](path, patch_size)
-    raise ValueError(f"unknown codec {name!r} (available: {', '.join(sorted(CODECS))}, or "
-                     f"<kind>:<path> with kind one of {', '.join(sorted(CODEC_LOADERS))})")
+    raise ValueError(f"unknown codec {name!r} (available: {', '.join(sorted(CODECS))}) nor "
+                     f"<kind>:<path> with kind one of {', '.join(sorted(CODEC_LOADERS))}")
 
 
 def as_codec(codec: VisualCodec | int) -> VisualCodec:
