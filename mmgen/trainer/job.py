@@ -90,7 +90,11 @@ class JobConfig:
         DDP (its model has no transformer blocks to shard, checkpoint or compile one by one)."""
         from mmgen.objectives import objective_family
 
-        m, family = self.model, objective_family(self.objective.name)
+        try:
+            family = objective_family(self.objective.name)
+        except ValueError as e:
+            raise ConfigError(f"objective.name: {e}") from e
+        m = self.model
         if family != m.family:
             raise ConfigError(f"objective={self.objective.name} trains model.family={family}, but "
                               f"model.family={m.family}")
