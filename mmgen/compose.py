@@ -18,6 +18,7 @@ from mmgen.trainer.job import JobConfig
 # registered by mmgen.cli.preflight
 PATCH_DIM = "${patch_dim:${data.codec},${data.patch_size}}"
 HEADS = "${objective_heads:${objective.name}}"
+FAMILY = "${objective_family:${objective.name}}"   # the transformer, or a codec (objective vae / vq)
 
 
 def register_configs() -> None:
@@ -30,11 +31,11 @@ def register_configs() -> None:
     cs.store(name="job_schema", node=JobConfig)
     for name, flavor in FLAVORS.items():
         cs.store(group="model", name=name, node={**dataclasses.asdict(flavor), "patch_dim": PATCH_DIM,
-                                               "heads": HEADS})
+                                               "heads": HEADS, "family": FAMILY})
     from mmgen.models.hf.config import hf_flavor_node
 
     # `model=hf:<dir>` (rewritten to model=hf model.from_hf=<dir>): the shape from config.json
-    cs.store(group="model", name="hf", node=hf_flavor_node(PATCH_DIM, HEADS))
+    cs.store(group="model", name="hf", node={**hf_flavor_node(PATCH_DIM, HEADS), "family": FAMILY})
 
 
 def group_options(group: str) -> list[str]:

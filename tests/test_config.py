@@ -1,14 +1,13 @@
 # The config surface: every shipped config composes and validates; bad input fails in one line.
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from mmgen.cli.preflight import compose_job, config_dir, one_line
 from mmgen.compose import group_options
 from mmgen.models import FLAVORS
-from tests.conftest import BIN, ROOT, run_cli
+from tests.conftest import BIN, run_cli
 
 GROUPS = ["model", "objective", "data", "parallel", "optim", "trainer", "checkpoint", "metrics", "experiment"]
 

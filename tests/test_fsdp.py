@@ -2,8 +2,6 @@
 # export, and the refusals.
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch

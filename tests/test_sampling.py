@@ -1,5 +1,4 @@
 # Samplers: output shapes, determinism, train-mode restoration, and the batch layout they build.
-import pytest
 import torch
 
 from mmgen.batch import IGNORE_INDEX

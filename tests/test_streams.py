@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmgen.data import DataConfig, build_dataloader
+from mmgen.data import build_dataloader
 from mmgen.models.tokenizers.text import ByteTokenizer
 from tests.conftest import BIN, data_overrides, run_cli
 from tests.test_data_resume import mix_cfg, same, sources  # noqa: F401  (module fixture)

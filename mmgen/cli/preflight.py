@@ -40,6 +40,11 @@ def register_resolvers() -> None:
         # model=hf: the shape of a Hugging Face model directory's config.json (docs/pretrained.md)
         OmegaConf.register_new_resolver("hf_model", hf_field)
         OmegaConf.register_new_resolver("hf_vocab", hf_vocab)
+    if not OmegaConf.has_resolver("objective_family"):
+        from mmgen.objectives import objective_family
+
+        # model.family = what the objective trains (objective=vae / vq: mmgen's own codecs)
+        OmegaConf.register_new_resolver("objective_family", objective_family)
 
 
 def _payload_dim(codec: str, patch_size) -> int:

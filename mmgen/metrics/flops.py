@@ -32,6 +32,9 @@ Counting rules (one convention, so numbers compare across families, layouts and 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +177,8 @@ def training_flops(cfg: ModelConfig, batch: MultimodalBatch | BatchWork) -> int:
         cfg: the model shape.
         batch: a packed batch, or its :class:`BatchWork` (e.g. with another pair count).
     """
+    if cfg.family != "transformer":
+        return TRAINING_MULTIPLIER * codec_batch_flops(cfg, batch)
     work = batch if isinstance(batch, BatchWork) else batch_work(batch)
     return TRAINING_MULTIPLIER * sum(forward_flops(cfg, work).values())
 
@@ -193,3 +198,44 @@ def unit_costs(cfg: ModelConfig) -> dict[str, float]:
         work = BatchWork(positions=0, **{g: int(g == f) for g in fields})
         out[f] = float(TRAINING_MULTIPLIER * sum(forward_flops(cfg, work).values()))
     return out
+
+
+def codec_batch_flops(cfg: ModelConfig, batch: MultimodalBatch) -> int:
+    """Forward FLOPs of a codec family (``model.family`` vae / vq) on the batch's frames: every
+    continuous span's frames, at the pixel size its grid and pixel patches give."""
+    from mmgen.batch import CONTINUOUS
+
+    dim = batch.patches.shape[1] if batch.patches.dim() == 2 else 0
+    p = int(round((dim / cfg.autoencoder.in_channels) ** 0.5))
+    total = 0
+    for kind, (t, gh, gw) in zip(batch.spans.kind.tolist(), batch.spans.grid.tolist()):
+        if kind == CONTINUOUS:
+            total += t * codec_frame_flops(cfg.family, json.dumps(dataclasses.asdict(cfg.autoencoder)),
+                                           gh * p, gw * p)
+    return total
+
+
+@functools.lru_cache(maxsize=64)
+def codec_frame_flops(family: str, autoencoder: str, h: int, w: int) -> int:
+    """Convolution FLOPs (``2 * k*k*Cin/groups * Cout`` per output pixel) of one ``h x w`` frame
+    through the codec's encoder and decoder, traced once on the meta device (no memory, no
+    compute); ``autoencoder`` is the shape as JSON (a hashable cache key)."""
+    from mmgen.models import CODEC_MODELS
+    from mmgen.models.codecs.config import AutoencoderConfig
+
+    cfg = AutoencoderConfig(**json.loads(autoencoder))
+    total = 0
+
+    def count(mod, _inp, out):
+        nonlocal total
+        k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+        total += 2 * k * mod.out_channels * out.shape[-2] * out.shape[-1]
+
+    with torch.device("meta"):
+        model = CODEC_MODELS[family](cfg)
+        hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        with torch.no_grad():
+            model.decoder(model.encoder(torch.empty(1, cfg.in_channels, h, w))[:, :cfg.latent_channels])
+    for hk in hooks:
+        hk.remove()
+    return total

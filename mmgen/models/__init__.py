@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mmgen.models.codecs.vae import ConvVAE
+from mmgen.models.codecs.vq import ConvVQ
 from mmgen.models.config import ModelConfig
 from mmgen.models.embedders import EMBEDDERS
 from mmgen.models.heads import HEADS
@@ -46,9 +48,16 @@ FLAVORS: dict[str, ModelConfig] = {
 }
 
 
+# model.family -> the trainable codec module it builds (the transformer is the default family)
+CODEC_MODELS: dict[str, type[nn.Module]] = {"vae": ConvVAE, "vq": ConvVQ}
+
+
 def check_registered(cfg: ModelConfig) -> ModelConfig:
     """Raise ValueError unless ``cfg.block`` and every ``cfg.heads`` entry are registered
-    (``BLOCKS``, ``HEADS``); called by the job's validation and by :func:`build_model`."""
+    (``BLOCKS``, ``HEADS``); called by the job's validation and by :func:`build_model`. A codec
+    family (``cfg.family`` vae / vq) has no blocks or heads to check."""
+    if cfg.family != "transformer":
+        return cfg
     if cfg.block not in BLOCKS:
         raise ValueError(f"model.block='{cfg.block}' not in {tuple(BLOCKS)}")
     towers = getattr(BLOCKS[cfg.block], "uses_towers", False)
@@ -62,7 +71,7 @@ def check_registered(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> UnifiedTransformer:
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> nn.Module:
     """Build on the meta device, then materialise on ``device`` and ``init_weights``.
 
     Args:
@@ -72,12 +81,13 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> U
         device: defaults to the current default device; on "meta" (or inside
             ``with torch.device("meta")``) the model is returned unmaterialised, for a
             backend to parallelize before ``to_empty`` + ``init_weights``. Both paths give
-            the same weights for the same seed.
+            the same weights for the same seed. ``cfg.family`` vae / vq builds the codec
+            (:data:`CODEC_MODELS`) the same way.
     """
     check_registered(cfg)
     device = torch.device(device) if device is not None else torch.get_default_device()
     with torch.device("meta"):
-        model = UnifiedTransformer(cfg)
+        model = CODEC_MODELS[cfg.family](cfg.autoencoder) if cfg.family in CODEC_MODELS else UnifiedTransformer(cfg)
     if device.type != "meta":
         model.to_empty(device=device)
         model.init_weights()
@@ -96,5 +106,5 @@ def num_params(model: nn.Module, exclude_embedding: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
-__all__ = ["BLOCKS", "EMBEDDERS", "FLAVORS", "HEADS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model",
+__all__ = ["BLOCKS", "CODEC_MODELS", "EMBEDDERS", "FLAVORS", "HEADS", "KVCache", "ModelConfig", "UnifiedTransformer", "build_model",
            "check_registered", "num_params"]

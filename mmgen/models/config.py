@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmgen.models.codecs.config import AutoencoderConfig
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 VISUAL_POS = ("learned", "none")
 # modality towers (block "mot"): which tower each position uses, from the batch's span table
 TOWER_SPLITS = ("none", "role", "modality")
 TOWER_INITS = ("independent", "copy")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+# what build_model builds: the unified transformer, or one of mmgen's trainable codecs (a run
+# that trains a VAE / VQ tokenizer through the same trainer, objective vae / vq)
+FAMILIES = ("transformer", "vae", "vq")
 
 
 @dataclass
@@ -67,6 +72,9 @@ class ModelConfig:
             expert's selection bias moves by this towards balance (0: off).
         moe_experts_impl: "grouped" (``torch._grouped_mm`` or padded ``bmm``) or "loop" (the
             Python loop reference).
+        family: "transformer" (everything above), or "vae" / "vq": the model is then a
+            convolutional codec shaped by ``autoencoder`` and the transformer fields are unused.
+        autoencoder: the codec's shape (``family`` vae or vq only).
     """
 
     name: str = "debug"
@@ -113,6 +121,8 @@ class ModelConfig:
     moe_z_loss_weight: float = 0.001
     moe_bias_update_rate: float = 0.0
     moe_experts_impl: str = "grouped"
+    family: str = "transformer"
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     @property
     def head_dim(self) -> int:
@@ -120,6 +130,11 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         """Raise ValueError on an inconsistent shape; returns self so calls can chain."""
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family='{self.family}' not in {FAMILIES}")
+        if self.family != "transformer":
+            self.autoencoder.validate()
+            return self
         positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                     "patch_dim", "timestep_dim")
         for name in positive:

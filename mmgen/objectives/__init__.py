@@ -5,12 +5,15 @@ from mmgen.objectives.base import Objective, aux_losses, normalise, weighted_tot
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.ddpm import TransfusionDDPMObjective
 from mmgen.objectives.next_token import NextTokenObjective
+from mmgen.objectives.reconstruction import VAEObjective, VQObjective
 from mmgen.objectives.transfusion import TransfusionObjective
 
 OBJECTIVES = {
     "transfusion": TransfusionObjective,
     "next_token": NextTokenObjective,
     "transfusion_ddpm": TransfusionDDPMObjective,
+    "vae": VAEObjective,   # train mmgen's codecs (model.family vae / vq)
+    "vq": VQObjective,
 }
 
 
@@ -36,5 +39,12 @@ def objective_heads(name: str) -> list[str]:
     return list(OBJECTIVES[name].heads)
 
 
+def objective_family(name: str) -> str:
+    """The ``model.family`` objective ``name`` trains ("transformer" unless it says otherwise)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{name}' (available: {', '.join(OBJECTIVES)})")
+    return getattr(OBJECTIVES[name], "family", "") or "transformer"
+
+
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "aux_losses", "build_objective",
-           "normalise", "objective_heads", "weighted_total"]
+           "normalise", "objective_family", "objective_heads", "weighted_total"]

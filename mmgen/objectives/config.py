@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 PREDICTIONS = ("v", "x", "eps")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SCHEDULES = ("cosine", "linear")    # DDPM noise schedules (objective transfusion_ddpm)
+RECON_LOSSES = ("l1", "l2")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ObjectiveConfig:
             ``sqrt(abar) eps - sqrt(1 - abar) x0``) or "x" (clean latents), and the loss is the
             MSE of that target.
         num_timesteps: DDPM only: discrete diffusion steps T (timesteps 1..T, uniform).
+        recon_loss: reconstruction loss of the codec objectives (vae, vq): "l1" or "l2".
     """
 
     name: str = "transfusion"
@@ -39,6 +41,7 @@ class ObjectiveConfig:
     t_eps: float = 0.05
     schedule: str = "cosine"
     num_timesteps: int = 1000
+    recon_loss: str = "l1"
 
     def validate(self) -> "ObjectiveConfig":
         if self.prediction not in PREDICTIONS:
@@ -52,6 +55,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.schedule='{self.schedule}' not in {SCHEDULES}")
         if self.num_timesteps < 2:
             raise ValueError(f"objective.num_timesteps must be >= 2, got {self.num_timesteps}")
+        if self.recon_loss not in RECON_LOSSES:
+            raise ValueError(f"objective.recon_loss='{self.recon_loss}' not in {RECON_LOSSES}")
         if not 0 < self.t_eps < 1:
             raise ValueError(f"objective.t_eps must be in (0, 1), got {self.t_eps}")
         return self

@@ -25,6 +25,7 @@ from mmgen.sampling.images import generate_images
 
 CAPTION, IMAGE = "caption", "image"                         # what a sampler reads
 TEXT_TO_IMAGE, IMAGE_TO_TEXT = "text_to_image", "image_to_text"   # what it draws
+RECONSTRUCTION = "reconstruction"   # images from images: a codec's input -> decode(encode(input))
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,25 @@ class GreedyCaptions:
             return generate_captions(model, ctx.tokenizer, prompts, ctx.codec, ctx.cfg, dev)
 
 
+class Reconstruct:
+    """A codec model's reconstruction of held-out images (``model.family`` vae / vq): the
+    decoded posterior mean or nearest codes, clamped to [-1, 1]."""
+
+    task, reads = RECONSTRUCTION, IMAGE
+
+    def __call__(self, model: nn.Module, prompts: torch.Tensor, ctx: SampleContext) -> torch.Tensor:
+        from mmgen.sampling.mode import inference
+
+        dev = _device(model)
+        with inference(model), ctx.autocast(dev):
+            return model(prompts.to(dev))["recon"].float().clamp(-1, 1)
+
+
 SAMPLERS: dict[str, Sampler] = {
     "flow_t2i": FlowTextToImage(),
     "ddpm_t2i": DDPMTextToImage(),
     "text": GreedyCaptions(),
+    "reconstruct": Reconstruct(),
 }
 
 

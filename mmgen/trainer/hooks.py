@@ -23,7 +23,7 @@ from mmgen.evaluation.registry import get_evaluation
 from mmgen.evaluation.shapes import save_grid
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.objectives import OBJECTIVES
-from mmgen.sampling.registry import CAPTION, TEXT_TO_IMAGE, SampleContext, get_sampler
+from mmgen.sampling.registry import CAPTION, RECONSTRUCTION, TEXT_TO_IMAGE, SampleContext, get_sampler
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,11 @@ class Hooks:
         paths = {}
         for name in self.samplers:
             sampler = get_sampler(name)
-            if sampler.reads == CAPTION:
+            if sampler.task == RECONSTRUCTION:   # pairs: input, then its reconstruction
+                recon = sampler(model, torch.stack([to_unit(s.image) for s in samples]), self.ctx)
+                grid = [im for s, r in zip(samples, recon) for im in (s.image, to_uint8(r))]
+                labels = [lab for s in samples for lab in (s.caption, "reconstruction")]
+            elif sampler.reads == CAPTION:
                 images = sampler(model, [s.caption for s in samples], self.ctx)
                 grid, labels = [to_uint8(im) for im in images], [s.caption for s in samples]
             else:

@@ -58,6 +58,7 @@ class JobConfig:
         from mmgen.models import check_registered
 
         d, m = self.data, self.model
+        self._validate_family()   # first: a transformer objective on a codec model has no heads
         try:
             check_registered(m)
         except ValueError as e:
@@ -115,6 +116,31 @@ class JobConfig:
                 raise ConfigError(f"model.vocab_size={m.vocab_size} cannot hold the {d.codec} codec's "
                                   f"{getattr(codec, 'codebook_size', 0)} codes above the {tokenizer.vocab_size} "
                                   f"text ids (needs >= {need})")
+
+    def _validate_family(self) -> None:
+        """A codec family (model.family vae / vq) trains with its own objective, on pixels, under
+        DDP (its model has no transformer blocks to shard, checkpoint or compile one by one)."""
+        from mmgen.objectives import objective_family
+
+        try:
+            family = objective_family(self.objective.name)
+        except ValueError as e:
+            raise ConfigError(f"objective.name: {e}") from e
+        m = self.model
+        if family != m.family:
+            raise ConfigError(f"objective={self.objective.name} trains model.family={family}, but "
+                              f"model.family={m.family}")
+        if m.family == "transformer":
+            return
+        p = self.parallel
+        if self.data.codec != "pixels":
+            raise ConfigError(f"model.family={m.family} learns from pixels: data.codec must be pixels, "
+                              f"got {self.data.codec}")
+        if p.name != "ddp" or p.activation_checkpointing != "none" or self.trainer.compile:
+            raise ConfigError(f"model.family={m.family} trains under parallel=ddp without "
+                              f"activation checkpointing or trainer.compile (got parallel={p.name}, "
+                              f"activation_checkpointing={p.activation_checkpointing}, "
+                              f"compile={self.trainer.compile})")
 
     def _validate_heads(self) -> None:
         from mmgen.objectives import objective_heads

@@ -297,17 +297,21 @@ class Trainer:
         seed, step = self.job.trainer.seed, self.state.step + 1
         # MoE auxiliary losses get model.moe_*_weight unless objective.weights names them
         weights = {**aux_loss_weights(self.job.model), **self.job.objective.weights}
+        # an objective's metrics (codec PSNR, codebook usage) come back beside its losses,
+        # detached: logged as metric/<name>, never part of the total
+        metrics = set(getattr(self.objective, "metric_names", ()))
 
         def loss_fn(model, batch, micro: int) -> dict[str, torch.Tensor]:
             self.generator.manual_seed(noise_seed(seed, step, self.stream(micro)))
             losses = self.objective(model, batch, denominators, self.generator)
-            return {**losses, "total": weighted_total(losses, weights)}
+            trained = {k: v for k, v in losses.items() if k not in metrics}
+            return {**losses, "total": weighted_total(trained, weights)}
 
         loss_sums = self.engine.forward_backward(batches, loss_fn)
         keys = sorted(loss_sums)
         reduced = all_reduce_sum(torch.stack([loss_sums[k] for k in keys] + [
             torch.tensor(float(tokens), device=self.dist.device)]), dp_group)
-        stats = {f"loss/{k}": float(reduced[i]) for i, k in enumerate(keys)}
+        stats = {f"{'metric' if k in metrics else 'loss'}/{k}": float(reduced[i]) for i, k in enumerate(keys)}
         for n, c in zip(names, global_counts.tolist()):   # a source absent from the step has
             if c == 0 and is_per_source(n, denominators):  # no loss/<name>/<source>, not a 0
                 stats.pop(f"loss/{n}", None)

@@ -1,4 +1,7 @@
 # Visual codecs by name (``data.codec``): the protocol, the registry and the pixel convention.
+"""``data.codec`` is either a registered name (``pixels``) or ``<kind>:<path>``, a codec read
+from disk by the loader registered for ``kind`` (``CODEC_LOADERS``: ``vae`` and ``vq`` read
+mmgen's own trained codecs, see :mod:`mmgen.models.codecs.load`)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -18,7 +21,16 @@ def _load_diffusers(path: str, patch_size: int) -> VisualCodec:
 
 # codecs loaded from files, named ``<kind>:<path>`` in ``data.codec``: kind -> loader taking
 # (path, patch_size) (``diffusers:<dir>``; mmgen's own checkpoints register their kinds here)
-CODEC_LOADERS: dict[str, Callable[[str, int], VisualCodec]] = {"diffusers": _load_diffusers}
+def _load_mmgen(kind: str) -> Callable[[str, int], VisualCodec]:
+    def load(path: str, patch_size: int) -> VisualCodec:
+        from mmgen.models.codecs.load import load_codec  # reads files: on demand
+
+        return load_codec(kind, path, patch_size)
+    return load
+
+
+CODEC_LOADERS: dict[str, Callable[[str, int], VisualCodec]] = {
+    "diffusers": _load_diffusers, "vae": _load_mmgen("vae"), "vq": _load_mmgen("vq")}
 
 __all__ = ["CODECS", "CODEC_LOADERS", "LatentCodec", "PixelCodec", "VisualCodec", "as_codec",
            "build_codec", "codec_known", "to_uint8", "to_unit"]
