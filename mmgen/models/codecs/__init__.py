@@ -42,8 +42,8 @@ _LOADED: dict[tuple[str, int], VisualCodec] = {}
 
 def codec_known(name: str) -> bool:
     """Whether ``name`` is a registered codec or ``<kind>:<path>`` of a registered loader."""
-    kind, sep, _ = name.partition(":")
-    return name in CODECS or (bool(sep) and kind in CODEC_LOADERS)
+    kind, sep, path = name.partition(":")
+    return name in CODECS or (bool(sep) and kind in CODEC_LOADERS and bool(path))
 
 
 def build_codec(name: str, patch_size: int) -> VisualCodec:
