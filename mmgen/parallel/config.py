@@ -61,6 +61,10 @@ class ParallelConfig:
             between the tensor-parallel regions (needs tp > 1).
         distributed_optimizer: megatron: shard optimizer states and fp32 master weights over
             the data-parallel ranks (megatron's DistributedOptimizer).
+        ep: expert-parallel degree (MoE models): each rank holds ``moe_experts / ep`` routed
+            experts; under megatron the EP ranks are cut from the TP x DP ranks.
+        moe_token_dispatcher: megatron: how tokens reach their experts' ranks, ``alltoall``
+            (``MoEAlltoAllTokenDispatcher``) or ``allgather`` (``MoEAllGatherTokenDispatcher``).
     """
 
     name: str = "ddp"
@@ -87,6 +91,8 @@ class ParallelConfig:
     pp: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    ep: int = 1
+    moe_token_dispatcher: str = "alltoall"
 
     @property
     def is_zero(self) -> bool:
@@ -125,6 +131,11 @@ class ParallelConfig:
                     "stage3_max_live_parameters", "stage3_max_reuse_distance"):
             if getattr(self, key) < 0:
                 raise ValueError(f"parallel.{key} must be >= 0, got {getattr(self, key)}")
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep={self.ep} must be >= 1")
+        if self.moe_token_dispatcher not in ("alltoall", "allgather"):
+            raise ValueError(f"parallel.moe_token_dispatcher='{self.moe_token_dispatcher}' must be alltoall or "
+                             f"allgather")
         if min(self.tp, self.pp) < 1:
             raise ValueError(f"parallel.tp={self.tp} and parallel.pp={self.pp} must be >= 1")
         megatron_only = {"tp": self.tp > 1, "pp": self.pp > 1, "sequence_parallel": self.sequence_parallel,

@@ -45,8 +45,10 @@ class ParallelDims:
         if self.dp * self.tp * self.pp != self.world_size:
             raise ValueError(f"parallel degrees dp={self.dp} x tp={self.tp} x pp={self.pp} must multiply to the "
                              f"world size {self.world_size}")
-        if self.dp % self.ep:
-            raise ValueError(f"parallel: ep={self.ep} must divide dp={self.dp}")
+        if (self.dp * self.tp) % self.ep:
+            # megatron cuts its EP groups from the TP x DP ranks (experts are not TP-split); with
+            # tp=1 (every other backend) this is "ep divides dp"
+            raise ValueError(f"parallel: ep={self.ep} must divide dp={self.dp} x tp={self.tp}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
 
@@ -60,11 +62,15 @@ class ParallelDims:
         """
         from mmgen.errors import ConfigError
 
-        tp, pp = getattr(cfg, "tp", 1), getattr(cfg, "pp", 1)
+        tp, pp, ep = getattr(cfg, "tp", 1), getattr(cfg, "pp", 1), getattr(cfg, "ep", 1)
         if world_size % (tp * pp):
             raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide the world size "
                               f"{world_size}: the degrees must multiply to it (dp = world / (tp * pp))")
-        return cls(world_size=world_size, rank=rank, dp=world_size // (tp * pp), tp=tp, pp=pp)
+        dp = world_size // (tp * pp)
+        if (dp * tp) % ep:
+            raise ConfigError(f"parallel.ep={ep} does not divide the {dp * tp} ranks of a pipeline stage "
+                              f"(dp={dp} x tp={tp}) that the expert-parallel groups are cut from")
+        return cls(world_size=world_size, rank=rank, dp=dp, tp=tp, pp=pp, ep=ep)
 
     @property
     def dp_rank(self) -> int:
