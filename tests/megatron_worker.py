@@ -187,11 +187,76 @@ class Cases:
             barrier()
 
 
+    # -- expert parallelism (model=moe_debug: 4 experts top-2, a shared expert, aux-free bias) ---
+    def moe_ep2(self) -> None:
+        """EP=2 (tp=1, dp=2, 2 experts a rank, alltoall dispatcher): the training curve equals
+        plain DDP's (the plain MoE code on each rank, same data streams and weights); then, on
+        each rank's own batch, the trained megatron model's outputs and aux losses equal the plain
+        one-process model's with the same (exported) weights; the checkpoint exports every expert."""
+        moe = ["model=moe_debug", "trainer.steps=4"]
+        self.train_curve("moe_ddp", ["parallel=ddp", *moe])
+        t = self.train_curve("moe_ep2", [*MEGATRON, *moe, "parallel.ep=2", "checkpoint.enabled=true",
+                                         "checkpoint.every=4"])
+        self.record("moe_ep2", local_experts=list(t.engine.stage.layers[0].feed_forward.local_experts),
+                    dims=t.engine.dims.degrees(), same_batch=_same_batch(t))
+        if self.dist.is_main:
+            last = json.loads((self.out / "moe_ep2" / "metrics.jsonl").read_text().splitlines()[-1])
+            self.record("moe_ep2", router_keys=sorted(k for k in last if k.startswith("router/")))
+        engine_state = t.engine.model_state_dict()
+        barrier()
+        if self.dist.is_main:   # export: one plain state dict, every expert, the plain layout
+            from mmgen.checkpoint.export import consolidated_state_dict
+            from mmgen.models import build_model
+
+            exported = consolidated_state_dict(self.out / "moe_ep2" / "checkpoints" / "step_0000004")
+            plain_keys = sorted(build_model(t.job.model, device="meta").state_dict())
+            self.record("moe_ep2", export_equal=_equal(exported, engine_state),
+                        export_keys_are_plain=sorted(exported) == plain_keys,
+                        expert_shape=list(exported["layers.0.feed_forward.experts.w1"].shape))
+        barrier()
+
+    def moe_tp2_ep2(self) -> None:
+        """TP=2 x EP=2 (SP, allgather dispatcher) against TP=2 x EP=1 (SP, alltoall), both dp=1
+        (the one-process data stream), and against the plain one-process model on the same batch."""
+        moe = [*MEGATRON, "model=moe_debug", "parallel.tp=2", "parallel.sequence_parallel=true", "trainer.steps=3"]
+        self.train_curve("moe_tp2", moe)
+        t = self.train_curve("moe_tp2_ep2", [*moe, "parallel.ep=2", "parallel.moe_token_dispatcher=allgather"])
+        self.record("moe_tp2_ep2", same_batch=_same_batch(t), dims=t.engine.dims.degrees())
+
+
+def _same_batch(t) -> dict:
+    """The megatron engine and the plain one-process model with the engine's weights (gathered,
+    every expert) on this rank's next batch, both in eval mode (no router statistics): max abs
+    differences of every head output and aux loss."""
+    import torch.distributed as tdist
+
+    from mmgen.models import build_model
+
+    full = [t.engine.model_state_dict()]      # rank 0 has the full plain weights
+    tdist.broadcast_object_list(full, src=0)
+    plain = build_model(t.job.model, device="cpu")
+    plain.load_state_dict(full[0])
+    plain.eval()
+    t.engine.model.eval()
+    batch = next(iter(t.loader)).to(t.dist.device)
+    out = {}
+    with torch.no_grad():
+        a, b = t.engine.model(batch), plain(batch)
+        for key in b:
+            if key != "aux":
+                out[key] = float((a[key] - b[key]).abs().max())
+        for key in b["aux"]:
+            out[f"aux/{key}"] = float((a["aux"][key] - b["aux"][key]).abs().max())
+            out[f"aux_value/{key}"] = float(b["aux"][key])
+    out["lm_scale"] = float(b["lm"].abs().max())
+    return out
+
+
 def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].float(), b[k].float()) for k in a)
 
 
-ORDER = ["compat", "tp2", "tp2_sp", "pp2", "reshard", "resume", "from_ddp", "hf_tp2"]
+ORDER = ["compat", "tp2", "tp2_sp", "pp2", "reshard", "resume", "from_ddp", "hf_tp2", "moe_ep2", "moe_tp2_ep2"]
 
 
 def main() -> None:

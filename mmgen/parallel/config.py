@@ -11,7 +11,7 @@ from mmgen.parallel.registry import BACKENDS, check_backend
 ZERO_BACKENDS = tuple(n for n in BACKENDS if n.startswith("zero"))
 ACTIVATION_CHECKPOINTING = ("none", "torch", "deepspeed")
 # backends that implement parallel.ep (mmgen/parallel/ep.py wired into the engine)
-EP_BACKENDS = ("ddp", "fsdp2")
+EP_BACKENDS = ("ddp", "fsdp2", "megatron")
 
 
 @dataclass
@@ -72,7 +72,10 @@ class ParallelConfig:
             experts are split over ``ep`` neighbouring data-parallel ranks, tokens reach them by
             all-to-all; everything else stays replicated (ddp) or sharded (fsdp2) as before.
             Divides the data-parallel size and ``model.moe_experts`` (docs in
-            mmgen/models/README.md, "Expert parallelism").
+            mmgen/models/README.md, "Expert parallelism"); under megatron the EP ranks are cut
+            from the TP x DP ranks (docs/megatron.md).
+        moe_token_dispatcher: megatron: how tokens reach their experts' ranks, ``alltoall``
+            (``MoEAlltoAllTokenDispatcher``) or ``allgather`` (``MoEAllGatherTokenDispatcher``).
     """
 
     name: str = "ddp"
@@ -102,6 +105,7 @@ class ParallelConfig:
     cp: int = 1
     cp_impl: str = "ulysses"
     ep: int = 1
+    moe_token_dispatcher: str = "alltoall"
 
     @property
     def is_zero(self) -> bool:
@@ -140,6 +144,11 @@ class ParallelConfig:
                     "stage3_max_live_parameters", "stage3_max_reuse_distance"):
             if getattr(self, key) < 0:
                 raise ValueError(f"parallel.{key} must be >= 0, got {getattr(self, key)}")
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep={self.ep} must be >= 1")
+        if self.moe_token_dispatcher not in ("alltoall", "allgather"):
+            raise ValueError(f"parallel.moe_token_dispatcher='{self.moe_token_dispatcher}' must be alltoall or "
+                             f"allgather")
         if min(self.tp, self.pp) < 1:
             raise ValueError(f"parallel.tp={self.tp} and parallel.pp={self.pp} must be >= 1")
         megatron_only = {"tp": self.tp > 1, "pp": self.pp > 1, "sequence_parallel": self.sequence_parallel,
@@ -157,10 +166,9 @@ class ParallelConfig:
             # DeepSpeed's expert parallelism comes with its own MoE layer (deepspeed.moe: TopKGate,
             # capacity-padded dispatch, its own aux loss; no sigmoid scores, z-loss or aux-free
             # bias): mapping onto it would train another model than mmgen's router, so: refused
-            why = ("deepspeed.moe routes with its own TopKGate, not mmgen's router" if self.is_zero
-                   else "megatron's token dispatchers are not mapped yet")
-            raise ValueError(f"parallel.ep={self.ep} is implemented for parallel={' and parallel='.join(EP_BACKENDS)} "
-                             f"(plain-torch all-to-all), not parallel={self.name} ({why})")
+            raise ValueError(f"parallel.ep={self.ep} is implemented for parallel={', '.join(EP_BACKENDS)} (plain-torch "
+                             f"all-to-all; megatron's token dispatchers), not parallel={self.name} (deepspeed.moe "
+                             f"routes with its own TopKGate, not mmgen's router)")
         if self.ep > 1 and self.cp > 1:
             raise ValueError(f"parallel.ep={self.ep} with parallel.cp={self.cp} is not supported yet (expert groups "
                              f"are cut from data-parallel ranks only): use one of them")

@@ -52,8 +52,10 @@ class ParallelDims:
         if self.dp * self.cp * self.tp * self.pp != self.world_size:
             raise ValueError(f"parallel degrees dp={self.dp} x cp={self.cp} x tp={self.tp} x pp={self.pp} must "
                              f"multiply to the world size {self.world_size}")
-        if self.dp % self.ep:
-            raise ValueError(f"parallel: ep={self.ep} must divide dp={self.dp}")
+        if (self.dp * self.tp) % self.ep:
+            # megatron cuts its EP groups from the TP x DP ranks (experts are not TP-split); with
+            # tp=1 (every other backend) this is "ep divides dp"
+            raise ValueError(f"parallel: ep={self.ep} must divide dp={self.dp} x tp={self.tp}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
 
@@ -75,9 +77,9 @@ class ParallelDims:
             raise ConfigError(f"parallel.cp={cp} x tp={tp} x pp={pp} = {tp * pp * cp} does not divide the world "
                               f"size {world_size}: the degrees must multiply to it (dp = world / (cp * tp * pp))")
         dp = world_size // (tp * pp * cp)
-        if dp % ep:
-            raise ConfigError(f"parallel.ep={ep} does not divide the data-parallel size {dp} (world size "
-                              f"{world_size}): expert-parallel groups are made of data-parallel ranks")
+        if (dp * tp) % ep:
+            raise ConfigError(f"parallel.ep={ep} does not divide the {dp * tp} ranks of a pipeline stage "
+                              f"(dp={dp} x tp={tp}) that the expert-parallel groups are cut from")
         return cls(world_size=world_size, rank=rank, dp=dp, tp=tp, pp=pp, cp=cp, ep=ep)
 
     @property

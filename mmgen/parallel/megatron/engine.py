@@ -36,17 +36,21 @@ MEGATRON_DIR = "megatron"          # dist_checkpointing directory of the weights
 OPTIM_FILE = "optim_rank_{:05d}.pt"
 
 
-def init_parallel_state(tp: int, pp: int, device: torch.device, seed: int = 0) -> None:
-    """megatron's process groups for (tp, pp), re-made when a previous engine in this process
-    used other degrees (tests build several)."""
+def init_parallel_state(tp: int, pp: int, device: torch.device, seed: int = 0, ep: int = 1) -> None:
+    """megatron's process groups for (tp, pp, ep), re-made when a previous engine in this process
+    used other degrees (tests build several). Experts are not tensor-parallel
+    (``expert_tensor_parallel_size=1``): the EP group is cut from the TP x DP ranks."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     if ps.model_parallel_is_initialized():
-        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp):
+        now = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+               ps.get_expert_model_parallel_world_size())
+        if now == (tp, pp, ep):
             return
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
                                  order="tp-cp-ep-dp-pp")
     # on the CPU only megatron's no-op RNG tracker works; mmgen's blocks have no dropout anyway
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=device.type == "cpu")
@@ -56,6 +60,8 @@ def transformer_config(model_cfg, cfg: ParallelConfig, device: torch.device):
     """megatron's TransformerConfig for mmgen's architecture (the one source of truth is the
     ModelConfig; this only restates it for megatron's layers and schedules)."""
     from megatron.core.transformer import TransformerConfig
+
+    from mmgen.parallel.megatron.moe import moe_transformer_kwargs
 
     return TransformerConfig(
         num_layers=model_cfg.n_layers, hidden_size=model_cfg.dim, num_attention_heads=model_cfg.n_heads,
@@ -73,6 +79,7 @@ def transformer_config(model_cfg, cfg: ParallelConfig, device: torch.device):
         # megatron's batched isend/irecv gives silently wrong results for interleaved PP on gloo
         # (PLATFORM.md); separate send/recv is always right
         batch_p2p_comm=False,
+        **moe_transformer_kwargs(model_cfg, cfg),
     )
 
 
@@ -89,8 +96,9 @@ class MegatronEngine(Engine):
         self.mcfg = transformer_config(plain.cfg, cfg, dev)
         stage = MegatronTransformer(plain.cfg, self.mcfg)
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        self.ep_rank, self.edp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_data_parallel_rank()
         local = adapter.to_megatron(plain.state_dict(), plain.cfg, cfg.tp, self.tp_rank, stage.layer_ids,
-                                    stage.first, stage.last)
+                                    stage.first, stage.last, ep=cfg.ep, ep_rank=self.ep_rank)
         stage.load_state_dict(local, strict=True)
         stage.to(dev)
         self.stage = self.module = stage
@@ -117,12 +125,17 @@ class MegatronEngine(Engine):
             name="mmgen_no_decay", fn=lambda p, name: not decays(name, p)))
         opt = get_megatron_optimizer(ocfg, [self.model], config_overrides={no_decay: {"wd_mult": 0.0}})
         inner = opt.chained_optimizers if hasattr(opt, "chained_optimizers") else [opt]
-        if len(inner) != 1:
-            raise RuntimeError(f"expected one megatron optimizer for a dense model, got {len(inner)}")
+        # one optimizer for the dense parameters, a second one for the experts (MoE: megatron keeps
+        # them apart, they reduce over the expert-data-parallel group)
+        want = 2 if self.model_cfg.moe_experts else 1
+        if len(inner) != want:
+            raise RuntimeError(f"expected {want} megatron optimizer(s), got {len(inner)}")
+        self.inner_optimizers = inner
         # megatron's own LR scheduler would set these each step; mmgen's LambdaLR drives the
         # torch optimizer inside instead, so the per-group decay is set once here
-        for group in inner[0].optimizer.param_groups:
-            group["weight_decay"] = optim.weight_decay * group.get("wd_mult", 1.0)
+        for part in inner:
+            for group in part.optimizer.param_groups:
+                group["weight_decay"] = optim.weight_decay * group.get("wd_mult", 1.0)
         self.optimizer = inner[0].optimizer
         return opt
 
@@ -173,6 +186,10 @@ class MegatronEngine(Engine):
     def step(self, grad_clip: float) -> torch.Tensor:
         """megatron's optimizer step (clipping at ``optim.grad_clip`` was configured at build);
         returns the pre-clip global gradient norm (over TP, PP and DP, duplicates once)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        for part in self.inner_optimizers[1:]:   # the experts' optimizer follows the scheduled LR
+            for group in part.optimizer.param_groups:
+                group["lr"] = lr
         ok, grad_norm, _ = self.megatron_optimizer.step()
         self.zero_grads()
         if grad_norm is None:
@@ -209,7 +226,10 @@ class MegatronEngine(Engine):
         out = {}
         for key, (value, axis) in self._plain_shards().items():
             value = value.detach().contiguous()
-            if axis is None:   # replicated over TP (and DP): one writer
+            if axis == adapter.EXPERT_AXIS:   # cut over EP ranks; replicated over expert-DP peers
+                out[key] = ShardedTensor.from_rank_offsets(key, value, (0, self.ep_rank, self.cfg.ep),
+                                                           replica_id=self.edp_rank)
+            elif axis is None:   # replicated over TP (and DP): one writer
                 out[key] = ShardedTensor.from_rank_offsets(key, value, replica_id=(self.tp_rank, dp_rank))
             else:
                 out[key] = ShardedTensor.from_rank_offsets(key, value, (axis, self.tp_rank, self.cfg.tp),
@@ -226,9 +246,10 @@ class MegatronEngine(Engine):
         torch.save(self._optimizer_state(), where / OPTIM_FILE.format(self.dist.rank))
 
     def _optimizer_state(self) -> dict:
-        opt = self.megatron_optimizer
-        inner = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+        inner = self.inner_optimizers[0]
         state = {"layout": self.dims.degrees(), "state": inner.state_dict()}
+        if len(self.inner_optimizers) > 1:   # MoE: the experts' optimizer (plain, not distributed)
+            state["expert_states"] = [part.state_dict() for part in self.inner_optimizers[1:]]
         if self.cfg.distributed_optimizer:
             params = inner.get_parameter_state_dp_reshardable()
             # megatron 0.16.1's loader filters on a "padding" flag its own getter never writes
@@ -260,18 +281,20 @@ class MegatronEngine(Engine):
                 f"optimizer states resume at the same layout); start a new run with checkpoint.init_from="
                 f"{path.parent.parent}: the weights reshard to any tp/pp")
         self.load_weights(path)
-        opt = self.megatron_optimizer
-        inner = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+        inner = self.inner_optimizers[0]
         inner.load_state_dict(saved["state"])
         if self.cfg.distributed_optimizer:
             inner.load_parameter_state_from_dp_reshardable(saved["params"])
-        # megatron 0.16.1 (without TE/apex) gives every parameter's state ONE shared "step"
-        # tensor, which torch's AdamW then increments once per parameter: one each again
-        for state in inner.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-        for group in inner.optimizer.param_groups:
-            group["weight_decay"] = self.optim_cfg.weight_decay * group.get("wd_mult", 1.0)
+        for part, state in zip(self.inner_optimizers[1:], saved.get("expert_states", [])):
+            part.load_state_dict(state)
+        for part in self.inner_optimizers:
+            # megatron 0.16.1 (without TE/apex) gives every parameter's state ONE shared "step"
+            # tensor, which torch's AdamW then increments once per parameter: one each again
+            for state in part.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+            for group in part.optimizer.param_groups:
+                group["weight_decay"] = self.optim_cfg.weight_decay * group.get("wd_mult", 1.0)
 
     @staticmethod
     def _saved_flags(path: Path) -> dict:
@@ -294,6 +317,7 @@ class MegatronEngine(Engine):
         ids = self.stage.layer_ids
         # to_megatron on chunks: every split tensor is already this rank's chunk (tp=1 cut);
         # plain layer keys use global indices, which to_megatron maps to local ones
+        # (expert weights too: dist_checkpointing returned this rank's expert slice)
         return adapter.to_megatron(shards, self.model_cfg, 1, 0, ids, self.stage.first, self.stage.last)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
@@ -301,11 +325,15 @@ class MegatronEngine(Engine):
         mine = {k: (v.detach().cpu().clone(), axis) for k, (v, axis) in self._plain_shards().items()}
         if self.dist.world_size == 1:
             return adapter.merge_ranks([mine], self.cfg.tp)
+        # data-parallel index 0 holds every dense shard; with EP, other ranks hold other experts
+        # (every rank sends then: the list stays in global rank order, which merge_ranks reads)
+        send = self.dims.dp_rank == 0 or self.cfg.ep > 1
         every: list = [None] * self.dist.world_size
-        tdist.all_gather_object(every, mine if self.dims.dp_rank == 0 else None)
+        tdist.all_gather_object(every, (mine, self.ep_rank) if send else None)
         if not self.dist.is_main:
             return {}
-        return adapter.merge_ranks([s for s in every if s is not None], self.cfg.tp)
+        sent = [s for s in every if s is not None]
+        return adapter.merge_ranks([s for s, _ in sent], self.cfg.tp, [r for _, r in sent], self.cfg.ep)
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):
@@ -337,5 +365,5 @@ def build(plain: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, ctx: 
 
         cpu_compat.apply()
     ensure_process_group(ctx.dist, cfg.dist_backend, cfg.timeout_minutes)
-    init_parallel_state(cfg.tp, cfg.pp, ctx.dist.device)
+    init_parallel_state(cfg.tp, cfg.pp, ctx.dist.device, ep=cfg.ep)
     return MegatronEngine(plain, cfg, optim, ctx)

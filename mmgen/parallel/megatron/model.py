@@ -31,6 +31,7 @@ from mmgen.models.config import ModelConfig
 from mmgen.models.embedders import EMBEDDERS, embedder_names
 from mmgen.models.heads import HEADS, head_names
 from mmgen.models.layers import RMSNorm, apply_rope, rope_cos_sin
+from mmgen.models.moe import is_moe_layer
 from mmgen.models.transformer import rope_scaling
 
 
@@ -112,19 +113,30 @@ class ParallelSwiGLU(nn.Module):
 
 
 class ParallelBlock(nn.Module):
-    """mmgen's dense pre-norm block (``trunk.TransformerBlock``) with tensor-parallel linears."""
+    """mmgen's dense pre-norm block (``trunk.TransformerBlock``) with tensor-parallel linears;
+    for ``block=moe`` mmgen's ``MoEBlock``, whose MoE layers (``is_moe_layer``) have a
+    :class:`~mmgen.parallel.megatron.moe.ParallelMoE` FFN (megatron's token dispatcher, EP)."""
 
-    def __init__(self, cfg: ModelConfig, mcfg, tp: int):
+    def __init__(self, cfg: ModelConfig, mcfg, tp: int, layer_id: int = 0):
         super().__init__()
         sp = mcfg.sequence_parallel
         self.attention_norm = _sequence_parallel_norm(RMSNorm(cfg.dim, cfg.norm_eps), sp)
         self.attention = ParallelAttention(cfg, mcfg, tp)
         self.ffn_norm = _sequence_parallel_norm(RMSNorm(cfg.dim, cfg.norm_eps), sp)
-        self.feed_forward = ParallelSwiGLU(cfg, mcfg)
+        self.is_moe = cfg.block == "moe" and is_moe_layer(cfg, layer_id)
+        if self.is_moe:
+            from mmgen.parallel.megatron.moe import ParallelMoE
 
-    def forward(self, x: torch.Tensor, rope, mask) -> torch.Tensor:
+            self.feed_forward = ParallelMoE(cfg, mcfg)
+        else:
+            self.feed_forward = ParallelSwiGLU(cfg, mcfg)
+
+    def forward(self, x: torch.Tensor, rope, mask):
         x = x + self.attention(self.attention_norm(x), rope, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+        if not self.is_moe:
+            return x + self.feed_forward(self.ffn_norm(x))
+        y, aux = self.feed_forward(self.ffn_norm(x))
+        return x + y, aux
 
 
 def stage_layers(n_layers: int, pp: int, stage: int) -> range:
@@ -158,7 +170,7 @@ class MegatronTransformer(MegatronModule):
             for attr, module in EMBEDDERS[name].build(cfg).items():
                 self.add_module(attr, module)
         self.layer_ids = stage_layers(cfg.n_layers, pp, stage)
-        self.layers = nn.ModuleList(ParallelBlock(cfg, mcfg, tp) for _ in self.layer_ids)
+        self.layers = nn.ModuleList(ParallelBlock(cfg, mcfg, tp, i) for i in self.layer_ids)
         if self.last:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             for name in self.head_names:
@@ -190,8 +202,13 @@ class MegatronTransformer(MegatronModule):
                 x = mtp.scatter_to_sequence_parallel_region(x)
         else:
             x = self.input_tensor
+        aux: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             x = layer(x, rope, mask)
+            if isinstance(x, tuple):   # an MoE block's auxiliary losses, summed over layers as the trunk does
+                x, block_aux = x
+                for name, value in block_aux.items():
+                    aux[name] = aux[name] + value if name in aux else value
         if not self.last:
             raise StageOutput(x)
         if self.sequence_parallel:
@@ -202,5 +219,5 @@ class MegatronTransformer(MegatronModule):
         if heads is None:
             heads = {name: HEADS[name].default_positions(batch) for name in self.head_names}
         out = {name: HEADS[name].run(self, h[positions]) for name, positions in heads.items()}
-        out["aux"] = {}
+        out["aux"] = aux
         return out
