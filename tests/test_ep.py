@@ -68,7 +68,7 @@ def _job(extra: list[str]):
 @pytest.mark.parametrize("extra, words", [
     (["model=debug", "parallel.ep=2"], "has no MoE layer"),
     (["parallel.ep=3"], "moe_experts=4 is not divisible by parallel.ep=3"),
-    (["parallel=zero2", "parallel.ep=2"], "parallel.ep=2 is implemented for parallel=ddp and parallel=fsdp2"),
+    (["parallel=zero2", "parallel.ep=2"], "parallel.ep=2 is implemented for parallel=ddp, fsdp2, megatron"),
     (["parallel=fsdp2", "parallel.ep=2", "parallel.fsdp_param_dtype=bf16"], "fsdp_param_dtype=fp32"),
     (["parallel.ep=0"], "parallel.ep=0 must be >= 1"),
 ])
@@ -81,7 +81,7 @@ def test_ep_config_errors_are_one_line(extra, words):
 def test_ep_must_divide_the_data_parallel_size():
     cfg = _job(["parallel.ep=2"]).parallel
     assert ParallelDims.from_config(cfg, 4, 1).ep == 2
-    with pytest.raises(ConfigError, match="parallel.ep=2 does not divide the data-parallel size 3"):
+    with pytest.raises(ConfigError, match=r"parallel.ep=2 does not divide the 3 ranks of a pipeline stage \(dp=3 x tp=1\)"):
         ParallelDims.from_config(cfg, 3, 0)
 
 
