@@ -68,8 +68,8 @@ class ParallelConfig:
             ``seq_len / cp`` positions of every row (docs/sequence_parallel.md).
         cp_impl: how attention sees the whole sequence under ``cp > 1``: ``ulysses`` (an
             all-to-all over heads around attention; mmgen/parallel/context.py).
-        ep: expert-parallel degree (``parallel=ddp|fsdp2``; MoE models): each MoE FFN's
-            experts are split over ``ep`` neighbouring data-parallel ranks, tokens reach them by
+        ep: expert-parallel degree (``parallel=ddp|fsdp2|zero1|zero2|megatron``; MoE models):
+            each MoE FFN's experts are split over ``ep`` neighbouring data-parallel ranks, tokens reach them by
             all-to-all; everything else stays replicated (ddp) or sharded (fsdp2) as before.
             Divides the data-parallel size and ``model.moe_experts`` (docs in
             mmgen/models/README.md, "Expert parallelism"); under megatron the EP ranks are cut

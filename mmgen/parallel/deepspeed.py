@@ -26,6 +26,16 @@ atomic tmp-dir + rename layout; :func:`checkpoint_state_dict` turns them into on
 dict with DeepSpeed's ``zero_to_fp32`` (``mmgen export``). DeepSpeed reads its shards with
 pickle: :func:`check_shards` proves each file plain first (the trust rule of
 :mod:`mmgen.safe_load`).
+
+Expert parallelism (``parallel.ep > 1``, ZeRO-1/2): parallelize splits the experts and sets
+mmgen's all-to-all dispatcher (:mod:`mmgen.parallel.ep`), as under DDP; the experts are then
+marked as DeepSpeed expert parameters (:func:`mark_expert_params`), the optimizer gets
+DeepSpeed's MoE param groups (:func:`build_expert_optimizer`) and the engine is built with
+DeepSpeed's expert handling on (:func:`initialize_with_experts`), so ZeRO reduces and
+partitions expert gradients and states over the expert-data-parallel group and counts each
+expert once in the grad norm. Loading resets each rank's experts from its fp32 masters
+(:func:`restore_experts_from_masters`); the export merges expert groups per EP rank
+(:func:`expert_parallel_state_dict`). docs/deepspeed.md "Expert parallelism" has the details.
 """
 from __future__ import annotations
 
@@ -85,7 +95,7 @@ class ZeroEngine(Engine):
         if self.ep > 1:
             # mmgen's experts (split by parallelize, tokens exchanged by ep.py's all-to-all) as
             # DeepSpeed expert parameters: ZeRO reduces and partitions them over the expert-
-            # data-parallel group (module docstring "Expert parallelism")
+            # data-parallel group (module docstring)
             group_name = mark_expert_params(module, self.ep, ctx.dims.ep_group(dist.device.type))
             self.optimizer = build_expert_optimizer(optim, module)
             self.model = initialize_with_experts(deepspeed, module, self.optimizer,
