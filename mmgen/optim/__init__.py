@@ -72,9 +72,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (default :func:`param_groups`; a backend may regroup them, e.g.
+    DeepSpeed's expert groups, keeping each parameter's hyper-parameters)."""
     on_cuda = any(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    groups = param_groups(model, cfg.weight_decay) if groups is None else groups
+    return torch.optim.AdamW(groups, lr=cfg.lr,
                              betas=tuple(cfg.betas), eps=cfg.eps,
                              fused=bool(cfg.fused and on_cuda))
 

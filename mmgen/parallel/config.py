@@ -11,7 +11,7 @@ from mmgen.parallel.registry import BACKENDS, check_backend
 ZERO_BACKENDS = tuple(n for n in BACKENDS if n.startswith("zero"))
 ACTIVATION_CHECKPOINTING = ("none", "torch", "deepspeed")
 # backends that implement parallel.ep (mmgen/parallel/ep.py wired into the engine)
-EP_BACKENDS = ("ddp", "fsdp2", "megatron")
+EP_BACKENDS = ("ddp", "fsdp2", "megatron", "zero1", "zero2")
 
 
 @dataclass
@@ -68,8 +68,8 @@ class ParallelConfig:
             ``seq_len / cp`` positions of every row (docs/sequence_parallel.md).
         cp_impl: how attention sees the whole sequence under ``cp > 1``: ``ulysses`` (an
             all-to-all over heads around attention; mmgen/parallel/context.py).
-        ep: expert-parallel degree (``parallel=ddp|fsdp2``; MoE models): each MoE FFN's
-            experts are split over ``ep`` neighbouring data-parallel ranks, tokens reach them by
+        ep: expert-parallel degree (``parallel=ddp|fsdp2|zero1|zero2|megatron``; MoE models):
+            each MoE FFN's experts are split over ``ep`` neighbouring data-parallel ranks, tokens reach them by
             all-to-all; everything else stays replicated (ddp) or sharded (fsdp2) as before.
             Divides the data-parallel size and ``model.moe_experts`` (docs in
             mmgen/models/README.md, "Expert parallelism"); under megatron the EP ranks are cut
@@ -163,12 +163,15 @@ class ParallelConfig:
         if self.ep < 1:
             raise ValueError(f"parallel.ep={self.ep} must be >= 1")
         if self.ep > 1 and self.name not in EP_BACKENDS:
-            # DeepSpeed's expert parallelism comes with its own MoE layer (deepspeed.moe: TopKGate,
-            # capacity-padded dispatch, its own aux loss; no sigmoid scores, z-loss or aux-free
-            # bias): mapping onto it would train another model than mmgen's router, so: refused
-            raise ValueError(f"parallel.ep={self.ep} is implemented for parallel={', '.join(EP_BACKENDS)} (plain-torch "
-                             f"all-to-all; megatron's token dispatchers), not parallel={self.name} (deepspeed.moe "
-                             f"routes with its own TopKGate, not mmgen's router)")
+            # ZeRO-1/2 take mmgen's experts as DeepSpeed expert parameters (mmgen/parallel/
+            # deepspeed.py); ZeRO-3 partitions expert weights only for DeepSpeed's own AutoEP
+            # layers (it refuses native MoE), which route with their own gate, not mmgen's router
+            raise ValueError(f"parallel.ep={self.ep} is implemented for parallel={', '.join(EP_BACKENDS)}, not "
+                             f"parallel={self.name} (DeepSpeed 0.19.8's ZeRO-3 partitions experts only for its own "
+                             f"MoE layers): use parallel=zero2 or parallel=fsdp2")
+        if self.ep > 1 and self.name == "zero2" and not self.contiguous_gradients:
+            # DeepSpeed's ZeRO-2 asserts contiguous gradients once it holds expert parameters
+            raise ValueError("parallel.ep>1 under parallel=zero2 needs parallel.contiguous_gradients=true")
         if self.ep > 1 and self.cp > 1:
             raise ValueError(f"parallel.ep={self.ep} with parallel.cp={self.cp} is not supported yet (expert groups "
                              f"are cut from data-parallel ranks only): use one of them")

@@ -14,7 +14,7 @@ rank read the same rows and each keeps its slice of the positions. Expert parall
 ``ep`` neighbouring data-parallel ranks form an expert-parallel group (they hold different
 experts and exchange tokens), and the ranks ``ep`` apart, holding the same experts, an
 expert-data-parallel group (``dp / ep`` ranks) over which expert gradients are summed
-(``parallel.ep``, ddp and fsdp2: mmgen/parallel/ep.py; not combined with ``cp`` yet). tp and
+(``parallel.ep``, ddp, fsdp2, zero1/2: mmgen/parallel/ep.py; not combined with ``cp`` yet). tp and
 pp are megatron's (``parallel.tp``, ``parallel.pp``).
 """
 from __future__ import annotations

@@ -196,6 +196,11 @@ def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def gather_expert_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """Every EP rank's experts of one weight (dim 0), in rank order: the full set (a collective)."""
+    return _gather_rows(t, group)
+
+
 @torch.no_grad()
 def full_model_state(model: nn.Module, state: dict, group) -> dict:
     """``state`` (the model's state dict) with every sharded expert weight gathered whole over
