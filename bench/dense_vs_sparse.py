@@ -3,12 +3,12 @@
 same steps, same seed, same trunk shape), then scores each run with the shapes evaluation
 (``mmgen eval shapes``: text-to-image read back from pixels, captioning parsed from text).
 
-Arms (``ARMS``): ``dense`` (the preset), ``mot`` (two modality towers, BAGEL's role split:
-``model.block=mot model.tower_split=role``), and ``moe`` / ``motmoe`` whose overrides are filled
-in once the MoE block is merged (until then they print as pending). Every arm keeps the
-preset's ``dim``, ``n_layers``, heads and ``ffn_dim``, so a position runs the same active
-parameters and the same counted FLOPs in each (``mmgen/metrics/flops.py``); sparse arms differ
-in total parameters only. Runs use a fixed step count (``trainer.max_minutes=0``), so a loaded
+Arms (``ARMS``): ``dense`` (the preset), ``moe`` (8 experts top-2, each half the preset's FFN
+width), ``mot`` (two modality towers, BAGEL's role split: ``model.block=mot
+model.tower_split=role``) and ``motmoe`` (towers whose FFNs are that MoE). Every arm keeps the
+preset's ``dim``, ``n_layers`` and heads and the same active FFN width, so a position runs the
+same active parameters (+ the router) and the same counted FLOPs in each
+(``mmgen/metrics/flops.py``); sparse arms differ in total parameters. Runs use a fixed step count (``trainer.max_minutes=0``), so a loaded
 machine changes tokens/s, not the work done.
 
 Reported per arm: total and active parameters (non-embedding), final losses (mean of the last
@@ -35,9 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # arm -> overrides on top of the preset; None = not runnable on this branch yet
 ARMS: dict[str, list[str] | None] = {
     "dense": [],
-    "moe": None,      # e.g. model.block=moe with 8 experts top-2 at the preset's active width
+    # 8 experts top-2 of half the preset's FFN width (512 / 2): the same active FFN width, so
+    # the same active parameters and counted FLOPs per position as dense (+ the router)
+    "moe": ["model.block=moe", "model.moe_experts=8", "model.moe_top_k=2", "model.moe_ffn_dim=256"],
     "mot": ["model.block=mot", "model.tower_split=role"],
-    "motmoe": None,   # model.block=motmoe (MoE FFN inside each tower)
+    # towers whose FFNs are that MoE: one tower's active parameters per position
+    "motmoe": ["model.block=motmoe", "model.tower_split=role", "model.moe_experts=8", "model.moe_top_k=2",
+               "model.moe_ffn_dim=256"],
 }
 
 
@@ -60,10 +64,20 @@ def param_counts(run: Path) -> tuple[int, int]:
     raw = yaml.safe_load((run / "config.yaml").read_text())["model"]
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     model = build_model(ModelConfig(**{k: v for k, v in raw.items() if k in names}), device="meta")
+    from mmgen.models.moe import MoEFeedForward
+
     total = num_params(model)
     # a position runs one tower of a tower block: the other towers are not active
     idle = sum(p.numel() for block in model.layers if isinstance(block, MoTBlock)
                for tower in list(block.towers)[1:] for p in tower.parameters())
+    # and top_k of an MoE FFN's experts (in the active tower)
+    for block in model.layers:
+        towers = list(block.towers)[:1] if isinstance(block, MoTBlock) else [block]
+        for part in towers:
+            for m in part.modules():
+                if isinstance(m, MoEFeedForward):
+                    per_expert = sum(p.numel() for p in m.experts.parameters()) // m.n_experts
+                    idle += (m.n_experts - m.top_k) * per_expert
     return total, total - idle
 
 
