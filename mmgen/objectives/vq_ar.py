@@ -30,6 +30,7 @@ from mmgen.objectives.base import (aux_losses, normalise, per_source_counts, per
                                    position_count)
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.next_token import text_per_source, text_positions, text_source_counts
+from mmgen.sequence_shard import shard_of
 
 
 def causal_spans(batch: MultimodalBatch) -> MultimodalBatch:
@@ -86,6 +87,9 @@ class VQAutoregressiveObjective:
     def __call__(self, model: nn.Module, batch: MultimodalBatch,
                  denominators: dict[str, torch.Tensor],
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        if shard_of(batch) is not None:
+            # a context-parallel slice's mask is compiled from the whole batch, FULL spans and all
+            raise ValueError("objective=vq_ar does not run under context parallelism yet (parallel.cp=1)")
         batch = causal_spans(batch)
         is_text = text_positions(batch)
         codes = code_targets(batch)
