@@ -26,7 +26,9 @@ class ModelConfig:
     Args:
         n_kv_heads: key/value heads (grouped-query attention); must divide ``n_heads``.
         vocab_size: text (and later discrete visual) vocabulary; 264 = ByteTokenizer.
-        patch_dim: features per continuous visual position (p * p * C).
+        patch_dim: features per continuous visual position (p * p * C); 0 for a model whose
+            visual spans are all discrete codes (``data.codec=vq:...``): it then has no
+            continuous input projection, timestep embedder or "flow" head.
         max_grid: largest (t, h, w) patch grid the learned visual position tables cover.
         visual_pos: "learned" adds learned t/h/w embeddings at visual positions; "none" relies
             on 1-D RoPE alone.
@@ -136,10 +138,16 @@ class ModelConfig:
             self.autoencoder.validate()
             return self
         positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
-                    "patch_dim", "timestep_dim")
+                    "timestep_dim")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.patch_dim < 0:
+            raise ValueError(f"model.patch_dim must be >= 0, got {self.patch_dim}")
+        if self.patch_dim == 0 and "flow" in self.heads:
+            # a discrete codec (payload_dim 0) has no continuous rows for a flow head to predict
+            raise ValueError("model.patch_dim=0 (a discrete codec) leaves the 'flow' head nothing to "
+                             "predict: train it with an objective over codes (objective=vq_ar)")
         if self.attention_head_dim < 0:
             raise ValueError(f"model.attention_head_dim must be >= 0, got {self.attention_head_dim}")
         if not self.attention_head_dim and self.dim % self.n_heads:

@@ -114,11 +114,14 @@ def embedder_names(cfg: ModelConfig) -> list[str]:
     """The embedders ``cfg`` builds, in registry order (which is also their order of
     construction, initialisation and application).
 
-    Every model reads token ids ("text": decoding starts from them) and continuous visual
-    rows ("visual": pixel patches, the one continuous codec so far); ``model.visual_pos``
-    selects the position code ("learned" -> "visual_pos", "none" -> 1-D RoPE alone).
+    Every model reads token ids ("text": decoding starts from them; discrete visual codes are
+    token ids too) and continuous visual rows ("visual": pixel patches or latents), unless
+    ``model.patch_dim`` is 0 (a discrete codec: no continuous rows, so no ``patch_in`` or
+    ``t_embedder`` left without a gradient); ``model.visual_pos`` selects the position code
+    ("learned" -> "visual_pos", added at every visual position, code positions included;
+    "none" -> 1-D RoPE alone).
     """
-    names = ["text", "visual"]
+    names = ["text", "visual"] if cfg.patch_dim > 0 else ["text"]
     if cfg.visual_pos == "learned":
         names.append("visual_pos")
     return names

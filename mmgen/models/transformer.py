@@ -215,24 +215,42 @@ class UnifiedTransformer(nn.Module):
         last = last_positions(batch.document_ids)
         return self.run_head("lm", h[torch.arange(h.shape[0], device=h.device), last]), cache
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Append text ``tokens`` (``[B]`` or ``[B, n]``) to every row of ``cache`` and return
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache,
+                    coords: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``tokens`` (``[B]`` or ``[B, n]``) to every row of ``cache`` and return
         their "lm" logits (``[B, vocab]`` or ``[B, n, vocab]``).
 
         Each new token attends to its row's valid cached slots and, causally, to the new
-        tokens before it: the same as :meth:`forward` on the whole sequence. Text only (no
-        visual positions), so with modality towers every new token uses the text tower.
-        Attention is SDPA with a boolean mask on every device.
+        tokens before it: the same as :meth:`forward` on the whole sequence when the span the
+        tokens belong to is CAUSAL (text always is). Attention is SDPA with a boolean mask on
+        every device.
+
+        Args:
+            tokens: text ids, or discrete visual codes (already offset into the shared
+                vocabulary) of a generated span (discrete-token AR, ``objective=vq_ar``).
+            cache: from :meth:`prefill`.
+            coords: None for text; for codes, their (t, h, w) grid coordinates (``[B, 3]`` or
+                ``[B, n, 3]`` long), so they get the visual position code they trained with
+                (``model.visual_pos=learned``) and, with modality towers, the visual /
+                generation tower (tower 1 under both splits: a generated span is a target).
         """
         single = tokens.dim() == 1
         if single:
             tokens = tokens[:, None]
+            coords = None if coords is None else coords[:, None]
         n = tokens.shape[1]
         positions = cache.next_positions[:, None] + torch.arange(n, device=tokens.device)
         rope = self.rope(positions)
         mask = cache.decode_mask(n)
-        x = self.tok_embeddings(tokens)     # text positions: no patch or visual position code
-        routing = None if self.cfg.tower_split == "none" else TowerRouting.text(tokens.shape, tokens.device)
+        x = self.tok_embeddings(tokens)     # text / codes: no continuous input
+        if coords is not None and "visual_pos" in self.embedder_names:
+            x = x + self.visual_pos(coords)
+        if self.cfg.tower_split == "none":
+            routing = None
+        elif coords is None:
+            routing = TowerRouting.text(tokens.shape, tokens.device)
+        else:
+            routing = TowerRouting.from_ids(torch.ones(tokens.shape, dtype=torch.long, device=tokens.device))
         h, _ = self.trunk(x, rope, mask, cache, routing)
         cache.advance(n)
         logits = self.run_head("lm", h)

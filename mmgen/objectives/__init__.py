@@ -7,6 +7,7 @@ from mmgen.objectives.ddpm import TransfusionDDPMObjective
 from mmgen.objectives.next_token import NextTokenObjective
 from mmgen.objectives.reconstruction import VAEObjective, VQObjective
 from mmgen.objectives.transfusion import TransfusionObjective
+from mmgen.objectives.vq_ar import VQAutoregressiveObjective
 
 OBJECTIVES = {
     "transfusion": TransfusionObjective,
@@ -14,6 +15,7 @@ OBJECTIVES = {
     "transfusion_ddpm": TransfusionDDPMObjective,
     "vae": VAEObjective,   # train mmgen's codecs (model.family vae / vq)
     "vq": VQObjective,
+    "vq_ar": VQAutoregressiveObjective,   # discrete-token AR on VQ codes (data.codec=vq:/diffusers:)
 }
 
 

@@ -15,17 +15,21 @@ from typing import Union
 import torch
 
 from mmgen import documents
-from mmgen.batch import IMAGE, VIDEO, MultimodalBatch
+from mmgen.batch import CONTINUOUS, FULL, IMAGE, VIDEO, MultimodalBatch
 from mmgen.models.tokenizers import TextTokenizer
 
 
 @dataclass
 class VisualSpan:
-    """A continuous visual span: ``patches`` ``[t*h*w, patch_dim]`` on grid (t, h, w)."""
+    """A visual span on grid (t, h, w): continuous ``patches`` ``[t*h*w, patch_dim]``, or
+    (``kind=DISCRETE``) ``[t*h*w]`` codes already offset into the shared vocabulary;
+    ``attention`` FULL or CAUSAL inside the span (as the span table's column)."""
 
     patches: torch.Tensor
     grid: tuple[int, int, int]
     is_target: bool
+    kind: int = CONTINUOUS
+    attention: int = FULL
 
     def __len__(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
@@ -45,10 +49,13 @@ def text_to_image_doc(tokenizer: TextTokenizer, caption: str, patches: torch.Ten
 
 
 def image_to_text_doc(tokenizer: TextTokenizer, patches: torch.Tensor,
-                      grid: tuple[int, int, int], caption: str | None = None) -> Document:
+                      grid: tuple[int, int, int], caption: str | None = None,
+                      kind: int = CONTINUOUS, attention: int = FULL) -> Document:
     """``[BOS] [BOI] <condition span> [EOI] caption [EOS]``; without a caption, the prompt
-    ``[BOS] [BOI] <span> [EOI]`` that captioning continues."""
-    doc = [[tokenizer.bos, tokenizer.boi], VisualSpan(patches, grid, is_target=False),
+    ``[BOS] [BOI] <span> [EOI]`` that captioning continues. ``kind`` / ``attention`` as in
+    :class:`VisualSpan` (discrete codes: already offset into the shared vocabulary)."""
+    doc = [[tokenizer.bos, tokenizer.boi],
+           VisualSpan(patches, grid, is_target=False, kind=kind, attention=attention),
            [tokenizer.eoi]]
     return doc if caption is None else doc + [tokenizer.encode(caption) + [tokenizer.eos]]
 
@@ -75,7 +82,7 @@ def pack_rows(rows: list[list[Document]], tokenizer: TextTokenizer, seq_len: int
         for doc in row:
             built = _document(doc, tokenizer)
             placed.append((r, offset, built))
-            widths += [s.payload.shape[1] for s in built.spans]
+            widths += [s.payload.shape[1] for s in built.spans if s.kind == CONTINUOUS]
             offset += len(built)
         lengths.append(offset)
     seq_len = seq_len or max(lengths)
@@ -87,6 +94,7 @@ def pack_rows(rows: list[list[Document]], tokenizer: TextTokenizer, seq_len: int
 
 def _document(doc: Document, tokenizer: TextTokenizer) -> documents.Document:
     segments = [documents.Visual(seg.patches, seg.grid, IMAGE if seg.grid[0] == 1 else VIDEO,
-                                 seg.is_target) if isinstance(seg, VisualSpan) else seg
+                                 seg.is_target, kind=seg.kind, attention=seg.attention)
+                if isinstance(seg, VisualSpan) else seg
                 for seg in doc]
     return documents.build_document(segments, tokenizer.visual)

@@ -6,7 +6,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from mmgen.batch import IGNORE_INDEX
+from mmgen.batch import DISCRETE, FULL, IGNORE_INDEX
 from mmgen.models.codecs import VisualCodec, as_codec
 from mmgen.models.kv_cache import last_positions
 from mmgen.models.tokenizers.text import ByteTokenizer
@@ -24,9 +24,12 @@ def _allowed_tokens(tokenizer: ByteTokenizer, vocab: int, device) -> torch.Tenso
 
 
 def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.Tensor,
-                      codec: VisualCodec | int, cfg: SamplerConfig, device: torch.device | str) -> list[str]:
+                      codec: VisualCodec | int, cfg: SamplerConfig, device: torch.device | str,
+                      attention: int = FULL) -> list[str]:
     """Greedy captions for ``images`` (``[n, C, H, W]`` in [-1, 1]), each encoded by ``codec``
-    into a condition span (an int is the pixel codec's patch size).
+    into a condition span (an int is the pixel codec's patch size); a discrete codec's codes go
+    above the text vocabulary, as the data pipeline places them. ``attention`` is the span's
+    mode (FULL; CAUSAL for a model trained causal over whole documents, ``objective=vq_ar``).
 
     Context ``[BOS] [BOI] <clean condition span, t = 0> [EOI]``; the next byte (or EOS) is
     the argmax of the logits at the last position, over byte tokens and EOS only.
@@ -38,7 +41,7 @@ def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.
     Both stop when every caption has its EOS or after ``cfg.max_caption_len`` bytes.
     """
     codec = as_codec(codec)
-    prefixes = [image_to_text_doc(tokenizer, *codec.encode(img.float().cpu())) for img in images]
+    prefixes = [_prompt(tokenizer, codec, img, attention) for img in images]
     generated: list[list[int]] = [[] for _ in prefixes]
     done = [False] * len(prefixes)
 
@@ -75,6 +78,14 @@ def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.
                 if accept(_next_tokens(model, tokenizer, prefixes, generated, seq_len, device)):
                     break
     return [tokenizer.decode(ids) for ids in generated]
+
+
+def _prompt(tokenizer: ByteTokenizer, codec: VisualCodec, image: torch.Tensor, attention: int) -> list:
+    rows, grid = codec.encode(image.float().cpu())
+    if codec.kind == DISCRETE:
+        return image_to_text_doc(tokenizer, rows.long() + tokenizer.vocab_size, grid, kind=DISCRETE,
+                                 attention=attention)
+    return image_to_text_doc(tokenizer, rows, grid, attention=attention)
 
 
 def _eager():

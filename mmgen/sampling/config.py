@@ -23,6 +23,11 @@ class SamplerConfig:
         schedule, num_timesteps: the DDPM noise schedule and T the model trained with (the
             objective's, objective transfusion_ddpm; sampler ddpm_t2i).
         ddim_eta: ddpm_t2i's noise per step: 0 deterministic DDIM, 1 ancestral DDPM.
+        temperature: ar_t2i (discrete-token AR): softmax temperature of the guided code logits;
+            0 = greedy (argmax).
+        top_k: ar_t2i: sample among the k most likely codes (0 = all).
+        top_p: ar_t2i: nucleus sampling, the smallest set of codes whose probability reaches
+            top_p (1.0 = all).
     """
 
     steps: int = 20
@@ -36,6 +41,9 @@ class SamplerConfig:
     schedule: str = "cosine"
     num_timesteps: int = 1000
     ddim_eta: float = 0.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
 
     def validate(self) -> "SamplerConfig":
         if self.steps <= 0 or self.max_caption_len <= 0:
@@ -44,6 +52,9 @@ class SamplerConfig:
             raise ValueError(f"sampling.time_shift must be positive, got {self.time_shift}")
         if self.prediction not in ("v", "x", "eps"):
             raise ValueError(f"sampling.prediction='{self.prediction}' not in ('v', 'x', 'eps')")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.temperature ({self.temperature}) and top_k ({self.top_k}) must be "
+                             f">= 0 and top_p ({self.top_p}) in (0, 1]")
         if self.ddim_eta < 0:
             raise ValueError(f"sampling.ddim_eta must be >= 0, got {self.ddim_eta}")
         return self

@@ -109,6 +109,36 @@ class GreedyCaptions:
             return generate_captions(model, ctx.tokenizer, prompts, ctx.codec, ctx.cfg, dev)
 
 
+class ARTextToImage:
+    """Discrete-token AR: codes one at a time with CFG over logits, temperature, top-k/top-p and
+    a KV cache, decoded through the codec (:func:`mmgen.sampling.ar.generate_images_ar`)."""
+
+    task, reads = TEXT_TO_IMAGE, CAPTION
+
+    def __call__(self, model: nn.Module, prompts: Sequence[str], ctx: SampleContext) -> torch.Tensor:
+        from mmgen.sampling.ar import generate_images_ar
+
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_images_ar(model, ctx.tokenizer, list(prompts), ctx.codec,
+                                      ctx.image_size, ctx.cfg, dev)
+
+
+class ARCaptions:
+    """Greedy captions of a model trained causal over whole documents (``objective=vq_ar``):
+    :func:`generate_captions` with the image prompt's span CAUSAL, as in training."""
+
+    task, reads = IMAGE_TO_TEXT, IMAGE
+
+    def __call__(self, model: nn.Module, prompts: torch.Tensor, ctx: SampleContext) -> list[str]:
+        from mmgen.batch import CAUSAL
+
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_captions(model, ctx.tokenizer, prompts, ctx.codec, ctx.cfg, dev,
+                                     attention=CAUSAL)
+
+
 class Reconstruct:
     """A codec model's reconstruction of held-out images (``model.family`` vae / vq): the
     decoded posterior mean or nearest codes, clamped to [-1, 1]."""
@@ -128,6 +158,8 @@ SAMPLERS: dict[str, Sampler] = {
     "ddpm_t2i": DDPMTextToImage(),
     "text": GreedyCaptions(),
     "reconstruct": Reconstruct(),
+    "ar_t2i": ARTextToImage(),
+    "ar_text": ARCaptions(),
 }
 
 

@@ -110,6 +110,14 @@ class JobConfig:
                 raise ConfigError(f"video frames of {d.frame_size} px give a {gh}x{gw} grid under the {d.codec} codec "
                                   f"(downsampling {codec.downsample} x patch {codec.patch_size}), beyond model.max_grid "
                                   f"{list(m.max_grid)}")
+        from mmgen.objectives import OBJECTIVES
+
+        wants = getattr(OBJECTIVES.get(self.objective.name), "codec_kind", None)
+        if wants is not None and codec.kind != wants:
+            # e.g. discrete-token AR on pixel patches: there would be no codes to predict
+            raise ConfigError(f"objective={self.objective.name} needs a {'discrete' if wants == DISCRETE else 'continuous'} "
+                              f"codec (data.codec=vq:<run> or a diffusers VQModel, data.patch_size=1), got "
+                              f"data.codec={d.codec}")
         if codec.kind == DISCRETE:
             need = tokenizer.vocab_size + int(getattr(codec, "codebook_size", 0))
             if m.vocab_size < need:

@@ -199,8 +199,8 @@ class VQCodec(ModuleCodec):
     """A :class:`ConvVQ` behind the :class:`~mmgen.models.codecs.base.VisualCodec` protocol:
     discrete, one code per latent position (``patch_size`` must be 1), payload rows are code ids.
 
-    Attributes (beyond the protocol): ``vocab_size``, the number of codes (the visual
-    vocabulary placed above the text ids).
+    Attributes (beyond the protocol): ``vocab_size`` (= ``codebook_size``), the number of codes
+    (the visual vocabulary placed above the text ids).
 
     Args:
         module: a trained ConvVQ (frozen here).
@@ -218,6 +218,8 @@ class VQCodec(ModuleCodec):
         super().__init__(module, patch_size, source)
         self.channels = module.cfg.lookup_dim
         self.vocab_size = module.cfg.codebook_size
+        # the name the start-up vocabulary check and the AR sampler read (as diffusers' VQModel)
+        self.codebook_size = self.vocab_size
 
     @property
     def payload_dim(self) -> int:
