@@ -102,6 +102,19 @@ def test_mask_and_targets_match_brute_force(codec):
     assert not ((targets != IGNORE_INDEX) & (batch.targets != IGNORE_INDEX)).any()
 
 
+def test_flop_count_sees_causal_image_spans_and_the_head_at_codes(codec):
+    # the trainer counts the objective's model_view: causal attention inside image spans (fewer
+    # pairs than FULL) and the lm head at every code target as well as the text targets
+    from mmgen.metrics.flops import batch_work
+    from mmgen.objectives.vq_ar import VQAutoregressiveObjective, code_targets
+
+    batch = vqar_batch(codec)
+    raw, seen = batch_work(batch), batch_work(VQAutoregressiveObjective().model_view(batch))
+    assert seen.text_targets == raw.text_targets + int((code_targets(batch) != IGNORE_INDEX).sum())
+    assert seen.attention_pairs < raw.attention_pairs
+    assert seen.tokens == raw.tokens
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=12, top_p=0.9)])
 def test_kv_cache_sampling_equals_full_recomputation(sampling):
     from mmgen.sampling.ar import generate_codes

@@ -75,6 +75,13 @@ class VQAutoregressiveObjective:
     def __init__(self, cfg: ObjectiveConfig | None = None):
         self.cfg = cfg.validate() if cfg is not None else None
 
+    def model_view(self, batch: MultimodalBatch) -> MultimodalBatch:
+        """The batch as the model runs it (for the trainer's FLOP count): image spans causal,
+        and the ``lm`` head at the code targets as well as the text targets."""
+        batch = causal_spans(batch)
+        targets = torch.where(batch.targets != IGNORE_INDEX, batch.targets, code_targets(batch))
+        return dataclasses.replace(batch, targets=targets)
+
     def local_counts(self, batch: MultimodalBatch) -> dict[str, torch.Tensor]:
         counts = {"text": text_positions(batch).sum(), "visual": code_positions(batch).sum(),
                   **position_count(batch)}

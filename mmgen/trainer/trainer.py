@@ -269,7 +269,10 @@ class Trainer:
             counts.append(self.objective.local_counts(b))
             tokens += b.num_tokens()
             work["positions"] += b.tokens.numel()
-            work["flops"] += training_flops(self.job.model, b)
+            # an objective that changes the batch before the model (VQ-AR: causal image spans,
+            # the lm head at codes) says how, so the count is of the work actually done
+            view = getattr(self.objective, "model_view", None)
+            work["flops"] += training_flops(self.job.model, view(b) if view else b)
             b = b.to(dev, non_blocking=True)
             batches.append(self.device_encoder(b) if self.device_encoder else b)
         return (batches, counts, tokens), time.perf_counter() - t0, work
