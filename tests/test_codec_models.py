@@ -238,3 +238,53 @@ def test_codec_family_needs_its_objective_and_ddp():
     assert compose_job(["objective=vq"]).model.family == "vq"
     job = compose_job(["experiment=codec_vae_shapes"])
     assert job.model.heads == [] and job.model.autoencoder.downsample == 4
+
+
+def test_mmgen_codecs_are_latent_codecs_for_data_encode_and_the_device(shapes_dir, tmp_path):
+    """mmgen's own VAE and VQ serve `mmgen data encode` and data.encode_on=device like a
+    diffusers codec: same rows as encode(), a fingerprint of shape + weights, and cached
+    latents that train like encoding in the workers."""
+    import json
+
+    from mmgen.cli.main import main as mmgen_main
+    from mmgen.cli.preflight import compose_job
+    from mmgen.models.codecs import LatentCodec
+    from mmgen.models.codecs.vae import ConvVAE
+    from mmgen.models.codecs.vq import ConvVQ
+    from mmgen.parallel.dist import init_distributed
+    from mmgen.trainer.trainer import Trainer
+
+    x = shapes_images(2)
+    files = {}
+    for kind, cls, p in (("vae", ConvVAE, 2), ("vq", ConvVQ, 1)):
+        files[kind] = save_codec(built(cls), tmp_path / f"{kind}.safetensors")
+        codec = build_codec(f"{kind}:{files[kind]}", p)
+        assert isinstance(codec, LatentCodec)
+        rows = torch.cat([codec.latent_rows(z) for z in codec.encode_latents(x)])
+        one_by_one = torch.cat([codec.encode(im)[0] for im in x])   # batch 1: other conv sum order
+        assert torch.equal(rows, one_by_one) if kind == "vq" else torch.allclose(rows, one_by_one, atol=1e-5)
+        assert codec.decode_latents(codec.encode_latents(x)).shape == x.shape
+        assert codec.fingerprint() == build_codec(f"{kind}:{files[kind]}", p).fingerprint()
+    other = save_codec(built(ConvVAE, seed=1), tmp_path / "vae_other.safetensors")
+    assert build_codec(f"vae:{other}", 2).fingerprint() != build_codec(f"vae:{files['vae']}", 2).fingerprint()
+
+    mmgen_main(["data", "encode", str(shapes_dir / "train"), "--codec", f"vae:{files['vae']}",
+                "--out", str(tmp_path / "lat"), "--image-size", "32"])
+
+    def losses(name, extra):
+        run = tmp_path / "runs" / name
+        job = compose_job(["experiment=smoke", "model=debug", "data.seq_len=128", "data.batch_size=4",
+                           "data.num_workers=0", "trainer.steps=3", "trainer.log_every=1", "trainer.num_threads=1",
+                           "trainer.precision=fp32", "trainer.device=cpu", "metrics.progress=false",
+                           "checkpoint.enabled=false", f"data.codec=vae:{files['vae']}", "data.patch_size=2",
+                           f"data.val_shards={shapes_dir / 'val'}", f"run_dir={run}", f"name={name}", *extra])
+        Trainer(job, init_distributed("cpu", "gloo", 5.0)).train()
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss/total"] for r in recs if "loss/total" in r]
+
+    workers = losses("workers", [f"data.train_shards={shapes_dir / 'train'}"])
+    device = losses("device", [f"data.train_shards={shapes_dir / 'train'}", "data.encode_on=device"])
+    cached = losses("cached", [f"data.train_shards={tmp_path / 'lat'}"])
+    # the same fp32 latents up to the convolutions' summation order at other batch shapes
+    for run in (device, cached):
+        assert len(run) == 3 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(run, workers)), (workers, run)

@@ -89,6 +89,32 @@ class ModuleCodec:
     def grid(self, size: int | tuple[int, int], frames: int = 1) -> tuple[int, int, int]:
         return latent_grid(size, frames, self.downsample, self.patch_size, f"the {self.name} codec")
 
+    # -- the LatentCodec part (mmgen data encode, data.encode_on=device) ---------------------
+    @property
+    def in_channels(self) -> int:
+        return self.module.cfg.in_channels
+
+    def to(self, device) -> "ModuleCodec":
+        """Move the frozen module to ``device``; returns self."""
+        self.module.to(device)
+        return self
+
+    def fingerprint(self) -> str:
+        """``<name>-<sha256 prefix>`` of the shape, the weights and the latent convention
+        (scaling, shift, posterior mean): equal fingerprints give equal latents for equal pixels."""
+        if getattr(self, "_fingerprint", None) is None:
+            import dataclasses
+            import hashlib
+            import json
+
+            h = hashlib.sha256(f"mmgen-{self.name}-posterior-mean-v1".encode())
+            h.update(json.dumps(dataclasses.asdict(self.module.cfg), sort_keys=True).encode())
+            for key, value in sorted(self.module.state_dict().items()):
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = f"{self.name}-{h.hexdigest()[:20]}"
+        return self._fingerprint
+
     def _frames(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels as ``[T, C, H, W]`` on the module's device and in its dtype (geometry checked)."""
         frames = frames_of(pixels, self.module.cfg.in_channels, f"{self.name} codec")
@@ -125,6 +151,25 @@ class VAECodec(ModuleCodec):
         z = (mean.float() - self.shift_factor) * self.scaling_factor
         grid = self.grid((frames.shape[2], frames.shape[3]), frames.shape[0])
         return torch.cat([patchify(f, self.patch_size) for f in z]), grid
+
+    @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` pixels in [-1, 1] -> scaled posterior means ``[B, c, h, w]`` (fp32,
+        on the module's device)."""
+        p = next(self.module.parameters())
+        mean, _ = self.module.posterior(pixels.to(device=p.device, dtype=p.dtype))
+        return (mean.float() - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`encode_latents` -> pixels ``[B, C, H, W]`` (fp32)."""
+        p = next(self.module.parameters())
+        z = latents.float() / self.scaling_factor + self.shift_factor
+        return self.module.decode(z.to(device=p.device, dtype=p.dtype)).float()
+
+    def latent_rows(self, latents: torch.Tensor) -> torch.Tensor:
+        """One frame's latent ``[c, h, w]`` -> ``[(h/p)*(w/p), p*p*c]`` payload rows."""
+        return patchify(latents.float(), self.patch_size)
 
     @torch.no_grad()
     def decode(self, rows: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

@@ -232,6 +232,23 @@ class VQCodec(ModuleCodec):
         return codes.flatten().long(), (int(codes.shape[0]), int(codes.shape[1]), int(codes.shape[2]))
 
     @torch.no_grad()
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` pixels -> codes ``[B, h, w]`` (long; distances in fp32)."""
+        p = next(self.module.parameters())
+        with torch.autocast(p.device.type, enabled=False):
+            return self.module.encode_codes(pixels.to(device=p.device, dtype=torch.float32)).long()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Codes ``[B, h, w]`` -> pixels ``[B, C, H, W]`` (fp32)."""
+        dev = next(self.module.parameters()).device
+        return self.module.decode_codes(latents.long().to(dev)).float()
+
+    def latent_rows(self, latents: torch.Tensor) -> torch.Tensor:
+        """One frame's codes ``[h, w]`` -> ``[h*w]`` payload rows (code ids)."""
+        return latents.reshape(-1).long()
+
+    @torch.no_grad()
     def decode(self, rows: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         t, gh, gw = (int(g) for g in grid)
         if rows.shape != (t * gh * gw,):
