@@ -143,6 +143,7 @@ def build_fixed_batch_trainer(job, dist, batch):
             self.loader = None
             self.data_iter = itertools.repeat(batch)
             self.key_log = None
+            self.device_encoder = None   # pixel patches: nothing to encode before the step
 
     return FixedBatchTrainer(job, dist)
 

@@ -128,7 +128,9 @@ class Trainer:
     def build_objective(self) -> None:
         # per-source losses (loss/<name>/<source>) for a mixture; the names are the same on
         # every rank, so the loss all-reduce stacks the same keys everywhere
-        self.objective = build_objective(self.job.objective, tuple(s.name for s in self.loader.sources))
+        # per-source losses name the loader's sources (a trainer fed fixed batches has no loader)
+        sources = tuple(s.name for s in self.loader.sources) if self.loader is not None else ()
+        self.objective = build_objective(self.job.objective, sources)
         # on the training device: drawing ~1M normals per step on the CPU and copying them
         # cost ~10% of a 1b step on an H100. Re-seeded for every micro-batch from (seed, step,
         # stream) (noise_seed), so it has no state to save and 1 GPU x grad_accum N draws the
