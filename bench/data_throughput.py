@@ -160,7 +160,7 @@ def remote_rows(root: str, pair_path: str, cfg, n: int, workers: int) -> dict:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mmgen.data.config import RemoteConfig
-    from mmgen.data.remote import RangeShard, open_remote_shard
+    from mmgen.data.remote_shards import RangeShard, open_remote_shard
     from mmgen.data.tools.check import build_index
     from tests.remote_servers import ShardHTTPServer
 

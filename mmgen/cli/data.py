@@ -195,7 +195,8 @@ def _check_one(path: str, kind: str, check_shard, ShardReport, Problem):
     """``check_shard`` of a local or remote shard (a remote one is downloaded to a temporary
     file first; the report names the URL)."""
     from mmgen.data.config import RemoteConfig
-    from mmgen.data.remote import ShardUnavailable, is_remote, local_copy
+    from mmgen.data.remote import ShardUnavailable, is_remote
+    from mmgen.data.remote_shards import local_copy
 
     if not is_remote(path):
         return check_shard(path, kind)
@@ -251,7 +252,8 @@ def cmd_stats(a) -> None:
     from mmgen.data.sources import ShardFile
 
     from mmgen.data.config import RemoteConfig
-    from mmgen.data.remote import folder_index, is_remote, local_copy, shard_name
+    from mmgen.data.remote import folder_index, is_remote, shard_name
+    from mmgen.data.remote_shards import local_copy
 
     rc = RemoteConfig()
     paths = shard_paths(a.shards)[0]

@@ -41,7 +41,8 @@ from mmgen.data.pack import (BatchPacker, Document, DocumentCost, build_document
 from mmgen.data.resume import (STATE_VERSION, check_compatible, check_rank_set,
                                fresh_source_state, resplit, upgrade)
 from mmgen.errors import DataUnavailableError
-from mmgen.data.remote import ShardUnavailable, is_remote, open_remote_shard, shard_name
+from mmgen.data.remote import ShardUnavailable, is_remote, shard_name
+from mmgen.data.remote_shards import open_remote_shard
 from mmgen.data.sources import (ShardFile, epoch_items, reader_index,
                                 sample_order, shard_fingerprint)
 from mmgen.data.stats import loader_stats

@@ -378,7 +378,7 @@ def count_samples(path: str) -> tuple[int, str | None]:
 
 def shard_offsets(path: str) -> dict:
     """Byte ranges of the samples of an uncompressed tar, for reading a remote copy by ranges
-    (``mmgen.data.remote.RangeShard``): ``{"filesize", "samples": [[key, start, end], ...],
+    (``mmgen.data.remote_shards.RangeShard``): ``{"filesize", "samples": [[key, start, end], ...],
     "error"?}``, ``start`` the first member's header, ``end`` past the last member's data
     (rounded to the 512-byte block), in the order ``ShardFile`` numbers the samples."""
     import tarfile
