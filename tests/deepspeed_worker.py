@@ -9,13 +9,9 @@ the assertions live in the test, this file only measures.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -23,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmgen.cli.preflight import compose_job  # noqa: E402
-from mmgen.parallel.dist import DistInfo, barrier, init_distributed  # noqa: E402
+from mmgen.parallel.dist import DistInfo, barrier  # noqa: E402
+from tests.worker_main import run_cases  # noqa: E402
 
 TINY = ["experiment=smoke", "data.seq_len=128", "data.batch_size=4", "trainer.log_every=1",
         "metrics.progress=false", "optim.warmup_steps=2", "trainer.num_threads=1", "data.num_workers=0",
@@ -223,32 +220,7 @@ ORDER = ["parity", "grad_accum", "resume", "offload", "checkpointing", "bf16", "
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", default=",".join(ORDER))
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    dist = init_distributed("cpu", "gloo", 5.0)
-    cases = Cases(args.shapes, args.out, dist)
-    timings = {}
-    failed = None
-    for name in [c for c in ORDER if c in args.only.split(",")]:
-        t0 = time.time()
-        try:
-            getattr(cases, name)()
-        except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
-            failed = f"case {name} on rank {dist.rank}:\n{traceback.format_exc()}"
-            print(failed, file=sys.stderr, flush=True)
-            break
-        timings[name] = round(time.time() - t0, 2)
-    if dist.is_main:
-        cases.results["_timings"] = timings
-        cases.results["_failed"] = failed
-        (args.out / "results.json").write_text(json.dumps(cases.results, indent=1))
-    if failed:
-        os._exit(1)  # the other rank may wait in a collective forever
+    run_cases(Cases, ORDER)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,9 @@ start (plus ``import deepspeed``) costs ~15 s on 2 cores.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 import shutil
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -24,7 +19,8 @@ import torch.distributed as tdist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmgen.cli.preflight import compose_job  # noqa: E402
-from mmgen.parallel.dist import DistInfo, all_reduce_sum, barrier, init_distributed  # noqa: E402
+from mmgen.parallel.dist import DistInfo, all_reduce_sum, barrier  # noqa: E402
+from tests.worker_main import run_cases  # noqa: E402
 from tests.goldens.worker import BASE, curve  # noqa: E402
 
 TINY = ["experiment=smoke", "model=debug", "data.seq_len=128", "data.batch_size=4", "data.num_workers=0",
@@ -174,31 +170,7 @@ ORDER = ["init", "dp_subgroup", "meta_export", "moe_zero3"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", default=",".join(ORDER))
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    dist = init_distributed("cpu", "gloo", 5.0)
-    cases = Cases(args.shapes, args.out, dist)
-    timings, failed = {}, None
-    for name in [c for c in ORDER if c in args.only.split(",")]:
-        t0 = time.time()
-        try:
-            getattr(cases, name)()
-        except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
-            failed = f"case {name} on rank {dist.rank}:\n{traceback.format_exc()}"
-            print(failed, file=sys.stderr, flush=True)
-            break
-        timings[name] = round(time.time() - t0, 2)
-    if dist.is_main:
-        cases.results["_timings"] = timings
-        cases.results["_failed"] = failed
-        (args.out / "results.json").write_text(json.dumps(cases.results, indent=1))
-    if failed:
-        os._exit(1)  # the other rank may wait in a collective forever
+    run_cases(Cases, ORDER)
 
 
 if __name__ == "__main__":

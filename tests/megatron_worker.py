@@ -8,14 +8,9 @@ reproduce tests/goldens/single.json. One launch: ``import megatron.core`` costs 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 import shutil
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -23,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmgen.cli.preflight import compose_job  # noqa: E402
-from mmgen.parallel.dist import DistInfo, barrier, init_distributed  # noqa: E402
+from mmgen.parallel.dist import DistInfo, barrier  # noqa: E402
+from tests.worker_main import run_cases  # noqa: E402
 from tests.goldens.worker import BASE, curve  # noqa: E402
 
 MEGATRON = ["parallel=megatron"]
@@ -260,31 +256,7 @@ ORDER = ["compat", "tp2", "tp2_sp", "pp2", "reshard", "resume", "from_ddp", "hf_
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", default=",".join(ORDER))
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
-    dist = init_distributed("cpu", "gloo", 5.0)
-    cases = Cases(args.shapes, args.out, dist)
-    timings, failed = {}, None
-    for name in [c for c in ORDER if c in args.only.split(",")]:
-        t0 = time.time()
-        try:
-            getattr(cases, name)()
-        except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
-            failed = f"case {name} on rank {dist.rank}:\n{traceback.format_exc()}"
-            print(failed, file=sys.stderr, flush=True)
-            break
-        timings[name] = round(time.time() - t0, 2)
-    if dist.is_main:
-        cases.results["_timings"] = timings
-        cases.results["_failed"] = failed
-        (args.out / "results.json").write_text(json.dumps(cases.results, indent=1))
-    if failed:
-        os._exit(1)  # the other rank may wait in a collective forever
+    run_cases(Cases, ORDER)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from mmgen.optim import OptimConfig, decays
 from mmgen.parallel.base import Engine, EngineContext
 from mmgen.parallel.config import ParallelConfig
 from mmgen.parallel.dist import ensure_process_group
-from mmgen.parallel.megatron import adapter
+import mmgen.parallel.megatron.adapter as adapter
 from mmgen.parallel.megatron.model import MegatronTransformer, StageOutput
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):
 def build(plain: torch.nn.Module, cfg: ParallelConfig, optim: OptimConfig, ctx: EngineContext) -> MegatronEngine:
     """The engine over the materialised plain model (the backend's ``build_engine``)."""
     if ctx.dist.device.type == "cpu":
-        from mmgen.parallel.megatron import cpu_compat
+        import mmgen.parallel.megatron.cpu_compat as cpu_compat
 
         cpu_compat.apply()
     ensure_process_group(ctx.dist, cfg.dist_backend, cfg.timeout_minutes)
