@@ -149,30 +149,40 @@ def build_fixed_batch_trainer(job, dist, batch):
 
 
 def time_mmgen(trainer, steps: int, warmup: int) -> dict:
-    """Median step time of the trainer's own step (next_batches + train_step), and its own
-    perf record over the timed steps."""
+    """Time of the trainer's own step (next_batches + launch_step, the host reading the results
+    every ``trainer.sync_every`` steps as the training loop does) over the steps after
+    ``warmup``, between two device synchronisations; and the trainer's perf record of them."""
     import torch
 
     from mmgen.trainer.trainer import add_to_window, new_window
 
-    window, times, losses = new_window(), [], []
-    for i in range(steps):
+    cuda = trainer.dist.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize()) if cuda else (lambda: None)
+
+    def run(n: int) -> tuple[list[dict], list[tuple[float, dict]], float]:
+        read, host = [], []
+        sync()
         t0 = time.perf_counter()
-        step_input, wait, work = trainer.next_batches()
-        stats = trainer.train_step(step_input)
-        if trainer.dist.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        trainer.state.step += 1
-        losses.append(stats["loss/total"])
-        if i >= warmup:
-            times.append(dt)
-            window = add_to_window(window, stats.pop("_tokens"), dt, wait, work)
-    n = window["steps"]
-    step_s = statistics.median(times)
-    return {"step_s": step_s, "steps_timed": n, "flops_per_step": window["flops"] / n,
-            "tokens_per_step": window["tokens"] / n, "positions_per_step": window["positions"] / n,
-            "losses": losses, "trainer_perf": trainer.perf_stats(window)}
+        for i in range(n):
+            step_input, wait, work = trainer.next_batches()
+            trainer.pending.append(trainer.launch_step(step_input))
+            trainer.state.step += 1
+            host.append((wait, work))
+            if trainer.state.step % trainer.sync_every == 0 or i == n - 1:
+                read += trainer.read_pending()
+        sync()
+        return read, host, time.perf_counter() - t0
+
+    warm, _, _ = run(warmup)
+    timed, host, elapsed = run(steps - warmup)
+    n = len(timed)
+    window = new_window()
+    for stats, (wait, work) in zip(timed, host):
+        window = add_to_window(window, stats["_tokens"], elapsed / n, wait, work)
+    return {"step_s": elapsed / n, "steps_timed": n, "sync_every": trainer.sync_every,
+            "flops_per_step": window["flops"] / n, "tokens_per_step": window["tokens"] / n,
+            "positions_per_step": window["positions"] / n,
+            "losses": [s["loss/total"] for s in warm + timed], "trainer_perf": trainer.perf_stats(window)}
 
 
 def rates(flops: float, tokens: float, positions: float, step_s: float, peak: float) -> dict:

@@ -151,6 +151,17 @@ class SpanTable:
 
 
 @dataclass
+class RowIndex:
+    """Flat (row-major) indices of a batch's row sets (:meth:`MultimodalBatch.rows`), computed
+    on the host where a boolean mask costs no device synchronisation, and valid only for the
+    very tensors they were computed from (``sources``, compared by identity: a batch whose
+    targets or span table were replaced recomputes them)."""
+
+    rows: dict[str, torch.Tensor]
+    sources: tuple
+
+
+@dataclass
 class MultimodalBatch:
     """A packed batch; see the module docstring for the layout. Shapes: B rows of L positions,
     N continuous visual positions of ``payload_dim`` features each (the codec's width)."""
@@ -166,6 +177,7 @@ class MultimodalBatch:
     spans: SpanTable
     loss_masks: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, L] bool
     meta: dict = field(default_factory=dict)  # non-tensor info: sample keys, captions, source
+    row_index: RowIndex | None = field(default=None, repr=False, compare=False)  # see rows()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -179,7 +191,8 @@ class MultimodalBatch:
         if len(self.spans) == 0:
             return torch.full(self.span_ids.shape, fill, dtype=values.dtype, device=values.device)
         gathered = values[self.span_ids.clamp(min=0)]
-        return torch.where(inside, gathered, torch.tensor(fill, dtype=values.dtype, device=values.device))
+        # a Python fill, not a tensor made on the device (that copy would synchronise the host)
+        return torch.where(inside, gathered, fill)
 
     def document_sources(self, names: tuple[str, ...] | list[str]) -> torch.Tensor:
         """``[B, L]`` long: at each position, the index in ``names`` of its document's data
@@ -207,25 +220,79 @@ class MultimodalBatch:
         """[B, L] bool: visual positions that belong to target spans."""
         return self.span_values("is_target", False)
 
+    # -- row sets ---------------------------------------------------------------------------
+    def rows(self, name: str) -> torch.Tensor:
+        """``[n]`` long: flat row-major indices (into ``[B * L]``) of the positions of row set
+        ``name``: ``"text"`` (a next-token target) or ``"continuous"`` (a row of ``patches``).
+        ``x.flatten(0, 1)[batch.rows(name)]`` equals ``x[mask]``; but where :meth:`with_row_index`
+        computed them on the host, no device synchronisation is needed to know ``n`` (a boolean
+        mask on a GPU stops the host until the GPU has caught up)."""
+        index = self.row_index
+        if index is not None and index.sources == self._row_sources() and name in index.rows:
+            return index.rows[name]
+        return ROW_SETS[name](self).flatten().nonzero().squeeze(1)
+
+    def with_row_index(self) -> "MultimodalBatch":
+        """This batch with every row set of :data:`ROW_SETS` computed now (call it on the host,
+        before :meth:`to`; the copy carries them)."""
+        rows = {name: mask(self).flatten().nonzero().squeeze(1) for name, mask in ROW_SETS.items()}
+        if self.targets.device.type == "cpu" and self.targets.is_pinned():   # copies to the GPU async
+            rows = {name: r.pin_memory() for name, r in rows.items()}
+        return dataclasses.replace(self, row_index=RowIndex(rows, self._row_sources()))
+
+    def _row_sources(self) -> tuple:
+        # identity of the tensors the row sets are computed from (compared with `is`)
+        return _IdentityKey((self.targets, self.span_ids, self.spans.kind))
+
+    def _moved_index(self, moved: "MultimodalBatch", fn) -> RowIndex | None:
+        index = self.row_index
+        if index is None or index.sources != self._row_sources():
+            return None
+        return RowIndex({k: fn(v) for k, v in index.rows.items()}, moved._row_sources())
+
     def to(self, device, non_blocking: bool = False) -> "MultimodalBatch":
         def mv(t):
             return t.to(device, non_blocking=non_blocking)
-        return MultimodalBatch(
+        moved = MultimodalBatch(
             tokens=mv(self.tokens), targets=mv(self.targets), positions=mv(self.positions),
             modality=mv(self.modality), document_ids=mv(self.document_ids),
             span_ids=mv(self.span_ids), coords=mv(self.coords), patches=mv(self.patches),
             spans=self.spans.to(device, non_blocking=non_blocking),
             loss_masks={k: mv(v) for k, v in self.loss_masks.items()}, meta=self.meta)
+        moved.row_index = self._moved_index(moved, mv)
+        return moved
 
     def pin_memory(self) -> "MultimodalBatch":
         """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU async."""
         pin = lambda t: t.pin_memory()
-        return MultimodalBatch(
+        pinned = MultimodalBatch(
             tokens=pin(self.tokens), targets=pin(self.targets), positions=pin(self.positions),
             modality=pin(self.modality), document_ids=pin(self.document_ids), span_ids=pin(self.span_ids),
             coords=pin(self.coords), patches=pin(self.patches), spans=self.spans.pin_memory(),
             loss_masks={k: pin(v) for k, v in self.loss_masks.items()}, meta=self.meta)
+        pinned.row_index = self._moved_index(pinned, pin)
+        return pinned
 
     def num_tokens(self) -> int:
         """Non-padding positions (for throughput accounting)."""
         return int((self.document_ids >= 0).sum())
+
+
+class _IdentityKey(tuple):
+    """A tuple of tensors compared element-wise by identity (``is``), never by value."""
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _IdentityKey) and len(self) == len(other) and all(
+            a is b for a, b in zip(self, other))
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    __hash__ = None
+
+
+# the row sets MultimodalBatch.rows knows: name -> the [B, L] bool mask they index
+ROW_SETS = {
+    "text": lambda b: b.targets != IGNORE_INDEX,
+    "continuous": lambda b: b.continuous_mask(),
+}

@@ -28,7 +28,7 @@ def _sample(key: str, caption: str) -> Sample:
 
 def _fields(batch):
     out = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
-           if f.name not in ("spans", "meta", "loss_masks")}
+           if f.name not in ("spans", "meta", "loss_masks", "row_index")}
     out.update({f"spans.{f.name}": getattr(batch.spans, f.name)
                 for f in dataclasses.fields(batch.spans) if f.name != "source"})
     out["loss_masks.visual"] = batch.loss_masks["visual"]

@@ -86,7 +86,7 @@ def _visual_embed(model, x, batch: MultimodalBatch, visual_in: torch.Tensor,
     """Continuous visual positions take their projected input row plus their span's timestep
     embedding in place of the token embedding."""
     cont = batch.continuous_mask()
-    span_of_row = batch.span_ids[cont]                       # [N], row-major like visual_in
+    span_of_row = batch.span_ids.flatten()[batch.rows("continuous")]   # [N], row-major like visual_in
     vis = model.patch_in(visual_in.to(x.dtype)) + model.t_embedder(span_t)[span_of_row]
     return x.masked_scatter(cont.unsqueeze(-1), vis.to(x.dtype))
 

@@ -88,3 +88,11 @@ def head_names(cfg: ModelConfig) -> list[str]:
     """The heads ``cfg`` builds, in registry order (construction and initialisation order do
     not depend on how ``model.heads`` lists them)."""
     return [name for name in HEADS if name in cfg.heads]
+
+
+def select_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of ``h`` (``[B, L, ...]``) at ``positions``: a ``[B, L]`` bool mask, or ``[n]`` flat
+    row-major indices (:meth:`MultimodalBatch.rows`); both give the rows in row-major order."""
+    if positions.dtype == torch.bool:
+        return h[positions]
+    return h.flatten(0, 1).index_select(0, positions)

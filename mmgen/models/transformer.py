@@ -35,7 +35,7 @@ from mmgen.models.attention import (AttentionMask, SequenceParallelMask, build_m
                                     resolve_backend)
 from mmgen.models.config import ModelConfig
 from mmgen.models.embedders import EMBEDDERS, embedder_names
-from mmgen.models.heads import HEADS, head_names
+from mmgen.models.heads import HEADS, head_names, select_rows
 from mmgen.models.kv_cache import KVCache, last_positions
 from mmgen.models.layers import RMSNorm, RopeScaling, rope_cos_sin
 from mmgen.models.mot import TowerRouting, tower_ids
@@ -168,8 +168,9 @@ class UnifiedTransformer(nn.Module):
                 e.g. noised patches; defaults to ``batch.patches``.
             span_t: ``[S]`` flow time per span (0 = clean); defaults to zeros.
             mask: a prebuilt attention mask (:meth:`build_mask`); built here if None.
-            heads: head name -> ``[B, L]`` bool positions where it runs; the objective's
-                choice. None: every built head at its ``default_positions`` ("lm" where
+            heads: head name -> the positions where it runs, the objective's choice: a
+                ``[B, L]`` bool mask or flat row-major indices (``batch.rows(...)``, which need
+                no device synchronisation). None: every built head at its ``default_positions`` ("lm" where
                 ``batch.targets`` is not IGNORE_INDEX, "flow" at continuous visual positions).
 
         Returns:
@@ -182,7 +183,7 @@ class UnifiedTransformer(nn.Module):
         if heads is None:
             heads = {name: HEADS[name].default_positions(batch) for name in self.head_names}
         # each head only where it is asked for: the vocabulary head at ~12% of positions
-        out = {name: self.run_head(name, h[positions]) for name, positions in heads.items()}
+        out = {name: self.run_head(name, select_rows(h, positions)) for name, positions in heads.items()}
         out["aux"] = aux
         return out
 
@@ -255,3 +256,4 @@ class UnifiedTransformer(nn.Module):
         cache.advance(n)
         logits = self.run_head("lm", h)
         return logits[:, 0] if single else logits
+

@@ -20,7 +20,7 @@ from mmgen.batch import MultimodalBatch
 from mmgen.objectives.base import aux_losses, draw_patch_noise, normalise, position_count
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.flow import visual_counts, visual_loss_mask
-from mmgen.objectives.next_token import next_token_loss_sum, text_counts, text_positions
+from mmgen.objectives.next_token import next_token_loss_sum, text_counts
 
 
 def alpha_bars(schedule: str, num_timesteps: int) -> torch.Tensor:
@@ -78,11 +78,11 @@ def sample_ddpm(batch: MultimodalBatch, cfg: ObjectiveConfig, abars: torch.Tenso
     k = torch.randint(1, T + 1, (len(batch.spans),), generator=generator, device=generator.device).to(device)
     noise = draw_patch_noise(batch, x0, generator).to(device)
     k = torch.where(batch.spans.is_target.to(device), k, torch.zeros_like(k))
-    cont = batch.continuous_mask()
-    abar = abars.to(device)[k][batch.span_ids[cont]].float()
+    cont = batch.rows("continuous")   # indices, not a bool mask: no device sync
+    abar = abars.to(device)[k][batch.span_ids.flatten()[cont]].float()
     x_t = abar.sqrt()[:, None] * x0 + (1 - abar).sqrt()[:, None] * noise
     return DDPMSample(x0=x0, noise=noise, span_t=k.float() / T, abar=abar, x_t=x_t,
-                      is_loss=visual_loss_mask(batch)[cont])
+                      is_loss=visual_loss_mask(batch).flatten()[cont])
 
 
 def ddpm_target(sample: DDPMSample, prediction: str) -> torch.Tensor:
@@ -114,7 +114,7 @@ class TransfusionDDPMObjective:
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
         sample = sample_ddpm(batch, self.cfg, self.abars, generator)
         out = model(batch, sample.x_t, sample.span_t,
-                    heads={"lm": text_positions(batch), "flow": batch.continuous_mask()})
+                    heads={"lm": batch.rows("text"), "flow": batch.rows("continuous")})
         text = next_token_loss_sum(out["lm"], batch)
         err = (out["flow"].float() - ddpm_target(sample, self.cfg.prediction)).square().mean(-1)
         losses = {"text": normalise(text, denominators["text"]),

@@ -59,11 +59,11 @@ def sample_flow(batch: MultimodalBatch, cfg: ObjectiveConfig,
     span_t = sample_times(len(batch.spans), cfg, generator).to(device)
     noise = draw_patch_noise(batch, x0, generator).to(device)
     span_t = torch.where(batch.spans.is_target.to(device), span_t, torch.zeros_like(span_t))
-    cont = batch.continuous_mask()
-    t = span_t[batch.span_ids[cont]]
+    cont = batch.rows("continuous")   # indices, not a bool mask: no device sync
+    t = span_t[batch.span_ids.flatten()[cont]]
     x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
     return FlowSample(x0=x0, noise=noise, span_t=span_t, t=t, x_t=x_t,
-                      is_loss=visual_loss_mask(batch)[cont])
+                      is_loss=visual_loss_mask(batch).flatten()[cont])
 
 
 def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str,

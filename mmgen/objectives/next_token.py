@@ -22,7 +22,7 @@ def text_counts(batch: MultimodalBatch) -> torch.Tensor:
 def next_token_loss_sum(text_logits: torch.Tensor, batch: MultimodalBatch) -> torch.Tensor:
     """Summed cross-entropy of ``text_logits`` (``[M, vocab]``, the "lm" head's rows at
     :func:`text_positions` in row-major order) against those targets; fp32 for stability."""
-    targets = batch.targets[text_positions(batch)]
+    targets = batch.targets.flatten()[batch.rows("text")]
     return F.cross_entropy(text_logits.float(), targets, reduction="sum")
 
 
@@ -73,7 +73,7 @@ class NextTokenObjective:
     def __call__(self, model: nn.Module, batch: MultimodalBatch,
                  denominators: dict[str, torch.Tensor],
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        out = model(batch, heads={"lm": text_positions(batch)})
+        out = model(batch, heads={"lm": batch.rows("text")})
         losses = {"text": normalise(next_token_loss_sum(out["lm"], batch), denominators["text"])}
         return {**losses, **aux_losses(out["aux"], batch, denominators, self.loss_names),
                 **text_per_source(self.sources, out["lm"], batch, denominators)}

@@ -11,7 +11,7 @@ from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.flow import (FlowSample, flow_loss_sum, sample_flow, visual_counts,
                                    visual_loss_mask)
 from mmgen.objectives.next_token import (next_token_loss_sum, text_counts, text_per_source,
-                                         text_positions, text_source_counts)
+                                         text_source_counts)
 
 
 class TransfusionObjective:
@@ -48,7 +48,7 @@ class TransfusionObjective:
         # "flow" at every continuous row, condition spans included: FlowSample's rows (and
         # is_loss, which keeps target spans only) are aligned with exactly these
         out = model(batch, sample.x_t, sample.span_t,
-                    heads={"lm": text_positions(batch), "flow": batch.continuous_mask()})
+                    heads={"lm": batch.rows("text"), "flow": batch.rows("continuous")})
         text = next_token_loss_sum(out["lm"], batch)
         per_position = [] if self.sources else None
         visual = flow_loss_sum(out["flow"], sample, self.cfg, per_position)

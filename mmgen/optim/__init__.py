@@ -19,6 +19,9 @@ class OptimConfig:
         min_lr_ratio: floor of the decay, as a fraction of ``lr``.
         grad_clip: max global gradient norm (0 disables clipping; the norm is still logged).
         fused: use the fused AdamW kernel on CUDA.
+        fused_cpu: use torch's fused AdamW on CPU too. The trainer sets it when
+            ``trainer.sync_every > 1`` on a CPU: only the fused step can skip a non-finite
+            update on the device, without the host reading the loss first.
     """
 
     name: str = "adamw"
@@ -31,6 +34,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     fused: bool = True
+    fused_cpu: bool = False
 
     def validate(self) -> None:
         if self.name != "adamw":
@@ -79,7 +83,7 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, groups: list[dict]
     groups = param_groups(model, cfg.weight_decay) if groups is None else groups
     return torch.optim.AdamW(groups, lr=cfg.lr,
                              betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=bool(cfg.fused and on_cuda))
+                             fused=bool(cfg.fused and (on_cuda or cfg.fused_cpu)))
 
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:

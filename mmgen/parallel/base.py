@@ -160,6 +160,17 @@ class Engine(ABC):
         """Drop the accumulated gradients without updating (non-finite loss)."""
         self.optimizer.zero_grad(set_to_none=True)
 
+    @property
+    def can_step_on_device(self) -> bool:
+        """Whether :meth:`step_on_device` works: the update can be skipped without the host
+        knowing whether the loss was finite. False unless a backend says otherwise."""
+        return False
+
+    def step_on_device(self, grad_clip: float, finite: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` if ``finite`` (a 0-d bool tensor on the device), else :meth:`skip_step`,
+        decided on the device: no host synchronisation (``trainer.sync_every``)."""
+        raise NotImplementedError(f"the {self.name} engine steps only after the host read the loss")
+
     # -- state -----------------------------------------------------------------------------------
     def layout(self) -> dict:
         """What a checkpoint records about the layout that wrote it (meta.json)."""
@@ -206,6 +217,34 @@ class TorchEngine(Engine):
             norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    @property
+    def can_step_on_device(self) -> bool:
+        # torch's fused AdamW reads found_inf / grad_scale tensors on the device (the GradScaler
+        # protocol); plain parameters only (a DTensor step would mix DTensors and plain tensors)
+        return (self.dims.ep == 1 and bool(self.optimizer.defaults.get("fused"))
+                and not any(hasattr(p, "device_mesh") for p in self.module.parameters()))
+
+    def step_on_device(self, grad_clip: float, finite: torch.Tensor) -> torch.Tensor:
+        """The update with no host synchronisation: the fused AdamW leaves weights, moments and
+        step counts alone where ``found_inf`` is 1, and divides the gradients by ``grad_scale``
+        inside its kernel, which applies the clip factor (``norm / grad_clip``, at least 1)
+        without a pass of its own over the gradients. The clip is the same as
+        ``clip_grad_norm_``'s up to rounding (a division by the inverse factor)."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        opt = self.optimizer
+        opt.found_inf = (~finite).to(device=norm.device, dtype=torch.float32)
+        if grad_clip > 0:
+            opt.grad_scale = ((norm.float() + 1e-6) / grad_clip).clamp(min=1.0)
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+            if grad_clip > 0:
+                del opt.grad_scale
+        opt.zero_grad(set_to_none=True)
         return norm.detach()
 
     def _step_expert_parallel(self, grad_clip: float) -> torch.Tensor:

@@ -33,6 +33,16 @@ class TrainerConfig:
         record_keys: write every consumed sample key to ``runs/<name>/data_keys/rank_N.jsonl``
             (one line per micro-batch: step, stream, worker, [source, epoch, key] per
             document): an audit trail of what each rank trained on.
+        sync_every: optimizer steps between the host reading the step's results (losses,
+            gradient norm, whether the loss was finite, the stop signals of other ranks). Each
+            read makes the host wait for the GPU, which then idles while the host prepares the
+            next step; between reads the host queues step after step. 0 = ``log_every`` where
+            the engine can skip a non-finite update on the device (DDP with the fused AdamW,
+            dense or tower models: MoE bias updates read every step) and the device is a GPU,
+            else 1 (read every step). Between reads a non-finite step is still skipped (on the
+            device) and counted at the next read; the abort after ``max_nonfinite_steps`` and
+            a preemption signal of another rank take effect at the next read. Logging,
+            checkpoints and samples read first.
         force_unlock: take over the run directory's lock (``runs/<name>/.lock``) although its
             owner, on another machine, cannot be checked: for a lock left by a node that crashed
             outside Slurm (a requeued Slurm job takes over its own lock by itself). Never
@@ -58,6 +68,7 @@ class TrainerConfig:
     deterministic: bool = False
     record_keys: bool = False
     force_unlock: bool = False
+    sync_every: int = 0
 
     def validate(self) -> None:
         if self.steps < 1 or self.grad_accum < 1:
@@ -68,6 +79,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision='{self.precision}' must be auto, bf16 or fp32")
         if self.log_every < 1:
             raise ValueError("trainer.log_every must be >= 1")
+        if self.sync_every < 0:
+            raise ValueError(f"trainer.sync_every must be >= 0 (0 = log_every on a GPU), got {self.sync_every}")
         if self.max_nonfinite_steps < 0:
             raise ValueError("trainer.max_nonfinite_steps must be >= 0")
         if self.sample_every < 0 or self.max_minutes < 0 or self.num_threads < 0:

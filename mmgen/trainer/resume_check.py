@@ -48,7 +48,8 @@ IGNORED = ("name", "run_dir", "checkpoint.", "metrics.", "sampler.", "parallel."
            "trainer.num_threads", "trainer.device", "trainer.compile", "trainer.sample_every",
            "trainer.num_samples", "trainer.eval_at_end", "trainer.eval_task", "trainer.eval_samples",
            "trainer.max_minutes", "trainer.max_nonfinite_steps", "trainer.preemption_signals",
-           "trainer.record_keys", "trainer.deterministic", "trainer.force_unlock")
+           "trainer.record_keys", "trainer.deterministic", "trainer.force_unlock", "trainer.sync_every",
+           "optim.fused", "optim.fused_cpu")
 
 
 def prepare_run_dir(job, run_dir: Path, me: Owner) -> tuple[str, list[str]]:

@@ -79,6 +79,19 @@ class TrainState:
     nonfinite_in_a_row: int = 0
 
 
+@dataclass
+class PendingStep:
+    """One optimizer step whose results are still on the device (``trainer.sync_every``):
+    ``values`` = [losses (``keys``), tokens, global counts (``names``), grad norm, finite]."""
+
+    step: int
+    keys: list[str]
+    names: list[str]
+    values: torch.Tensor
+    lr: float
+    metrics: set[str]
+
+
 class Trainer:
     def __init__(self, job: JobConfig, dist: DistInfo):
         self.job, self.dist = job, dist
@@ -120,10 +133,30 @@ class Trainer:
             init = pretrained_init(model, job.checkpoint.init_from[len("hf:"):], job.trainer.seed)
         ctx = EngineContext(self.dist, self.dims, precision=job.trainer.precision,
                             micro_batch_size=job.data.batch_size, grad_accum=job.trainer.grad_accum)
-        self.engine = build_engine(model, job.parallel, job.optim, ctx, init=init, compile=job.trainer.compile)
+        optim = job.optim
+        if job.trainer.sync_every > 1 and dev.type == "cpu":
+            optim = dataclasses.replace(optim, fused_cpu=True)  # the step that skips on the device
+        self.engine = build_engine(model, job.parallel, optim, ctx, init=init, compile=job.trainer.compile)
+        self.sync_every = self.resolve_sync_every()
+        self.pending: list[PendingStep] = []
+        self.window: dict | None = None   # the perf window of train()
         self.scheduler = build_scheduler(job.optim, self.engine.optimizer, job.trainer.steps)
         log.info("model %s: %.2fM parameters (non-embedding), %s, %s %s", job.model.name,
                  self.num_params / 1e6, dev, job.parallel.name, self.dims.degrees())
+
+    def resolve_sync_every(self) -> int:
+        """``trainer.sync_every`` for this run: 1 where the engine must read every step's loss
+        before it steps (or the MoE bias update needs the loss on the host), else the
+        configured value (0: ``log_every`` on a GPU, 1 on a CPU)."""
+        cfg = self.job.trainer
+        if not self.engine.can_step_on_device or moe_layer_ids(self.job.model):
+            if cfg.sync_every > 1:
+                log.info("trainer.sync_every=%d: the %s engine (or an MoE model) reads every step's loss; "
+                         "reading every step", cfg.sync_every, self.engine.name)
+            return 1
+        if cfg.sync_every:
+            return cfg.sync_every
+        return cfg.log_every if self.dist.device.type == "cuda" else 1
 
     def build_objective(self) -> None:
         # per-source losses (loss/<name>/<source>) for a mixture; the names are the same on
@@ -215,10 +248,13 @@ class Trainer:
             while self.state.step < end:
                 t0 = time.perf_counter()
                 step_input, wait, work = self.next_batches()
-                stats = self.train_step(step_input)
+                self.pending.append(self.launch_step(step_input))
                 self.state.step += 1
                 self.state.elapsed_s = time.time() - self.start_time
-                self.window = add_to_window(self.window, stats.pop("_tokens"), time.perf_counter() - t0, wait, work)
+                self.window = add_to_window(self.window, 0.0, time.perf_counter() - t0, wait, work)
+                stats = self.resolve_pending() if self.must_read(end) else None
+                if stats is not None:
+                    stats.pop("_tokens", None)   # counted into the window by resolve_pending
                 if self.after_step(stats, end):
                     break
             if self.job.checkpoint.enabled and not self.ckpt_is_current():
@@ -231,11 +267,29 @@ class Trainer:
                 self.key_log = None
         return self.state
 
-    def after_step(self, stats: dict, end: int) -> bool:
-        """Log, sample, checkpoint; returns True when the run must stop now."""
+    def must_read(self, end: int) -> bool:
+        """Whether the host reads the pending steps now: every ``sync_every`` steps, and before
+        whatever needs their results (a log record, a checkpoint, samples, the last step)."""
+        step, job = self.state.step, self.job
+        every = job.trainer.sample_every
+        return (step % self.sync_every == 0 or step % job.trainer.log_every == 0 or step == end
+                or step % job.checkpoint.every == 0 or bool(every and step % every == 0))
+
+    def after_step(self, stats: dict | None, end: int) -> bool:
+        """Log, sample, checkpoint; returns True when the run must stop now. ``stats``: the
+        step's results if the host read them (:meth:`must_read`), else None."""
         job = self.job.trainer
         step = self.state.step
-        if step % job.log_every == 0 or step == end:
+        if stats is None:
+            # the stop signals: a single process knows them without the device; ranks agree
+            # through an all-reduce, i.e. at the reads
+            if self.dist.world_size > 1:
+                return False
+            preempted, out_of_time = self.stop_flags()
+            if not (preempted or out_of_time):
+                return False
+            self.resolve_pending()   # before the checkpoint
+        if stats is not None and (step % job.log_every == 0 or step == end):
             self.metrics.log(step, {**stats, **self.perf_stats(self.window), **self.data_stats(),
                                     **self.router_stats(step)})
             self.window = new_window()
@@ -250,9 +304,12 @@ class Trainer:
         return out_of_time
 
     def stop_flags(self) -> tuple[bool, bool]:
-        """(preempted, out of time), agreed by all ranks with one all-reduce."""
+        """(preempted, out of time), agreed by all ranks with one all-reduce (a single
+        process decides alone, without the device)."""
         budget = self.job.trainer.max_minutes
         late = bool(budget) and time.time() - self.start_time > budget * 60
+        if self.dist.world_size == 1:
+            return self.preemption.received is not None, late
         flags = torch.tensor([float(self.preemption.received is not None), float(late)], device=self.dist.device)
         flags = all_reduce_sum(flags)  # over every rank (not only data-parallel peers): all stop together
         return bool(flags[0] > 0), bool(flags[1] > 0)
@@ -275,7 +332,9 @@ class Trainer:
             # the lm head at codes) says how, so the count is of the work actually done
             view = getattr(self.objective, "model_view", None)
             work["flops"] += training_flops(self.job.model, view(b) if view else b)
-            b = b.to(dev, non_blocking=True)
+            # the head and loss rows as indices, found here on the host: on the device the
+            # boolean masks would make the host wait for the GPU at every step
+            b = b.with_row_index().to(dev, non_blocking=True)
             batches.append(self.device_encoder(b) if self.device_encoder else b)
         return (batches, counts, tokens), time.perf_counter() - t0, work
 
@@ -291,13 +350,28 @@ class Trainer:
         self.key_log.flush()
 
     def train_step(self, step_input) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; losses use global counts."""
+        """One optimizer step over ``grad_accum`` micro-batches; losses use global counts.
+        Returns its results (read on the host, with any steps still pending before it)."""
+        self.pending.append(self.launch_step(step_input))
+        return self.resolve_pending()
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the training device without a synchronising copy (page-locked)."""
+        if self.dist.device.type == "cuda":
+            return t.pin_memory().to(self.dist.device, non_blocking=True)
+        return t.to(self.dist.device)
+
+    def launch_step(self, step_input) -> PendingStep:
+        """Queue one optimizer step. With ``sync_every`` > 1 nothing here waits for the device:
+        losses, counts, gradient norm and the finite flag stay there until
+        :meth:`resolve_pending`; else the step is read and finished here (the engine steps
+        only after the host knows the loss is finite)."""
         batches, counts, tokens = step_input
         dp_group = self.engine.dp_group
         names = sorted(counts[0])
         local = torch.tensor([[float(c[n]) for n in names] for c in counts]).sum(0)
         # data-parallel peers hold different positions; tensor/pipeline peers the same ones
-        global_counts = all_reduce_sum(local.to(self.dist.device), dp_group)
+        global_counts = all_reduce_sum(self.to_device(local), dp_group)
         denominators = dict(zip(names, global_counts.clamp(min=1)))
         seed, step = self.job.trainer.seed, self.state.step + 1
         # MoE auxiliary losses get model.moe_*_weight unless objective.weights names them
@@ -315,25 +389,63 @@ class Trainer:
         loss_sums = self.engine.forward_backward(batches, loss_fn)
         keys = sorted(loss_sums)
         reduced = all_reduce_sum(torch.stack([loss_sums[k] for k in keys] + [
-            torch.tensor(float(tokens), device=self.dist.device)]), dp_group)
-        stats = {f"{'metric' if k in metrics else 'loss'}/{k}": float(reduced[i]) for i, k in enumerate(keys)}
-        for n, c in zip(names, global_counts.tolist()):   # a source absent from the step has
-            if c == 0 and is_per_source(n, denominators):  # no loss/<name>/<source>, not a 0
-                stats.pop(f"loss/{n}", None)
+            self.to_device(torch.tensor(float(tokens)))]), dp_group)
         lr = self.scheduler.get_last_lr()[0]
-        if math.isfinite(stats["loss/total"]):  # same value on every rank: all agree
+        if self.sync_every > 1:
+            total = reduced[keys.index("total")]
+            finite = torch.isfinite(total)     # same value on every rank: all agree
+            grad_norm = self.engine.step_on_device(self.job.optim.grad_clip, finite)
+            self.scheduler.step()
+            values = torch.cat([reduced.float(), global_counts.float(),
+                                torch.stack([grad_norm.float(), finite.float()])])
+            return PendingStep(step, keys, names, values, lr, metrics)
+        host = reduced.tolist()
+        if math.isfinite(host[keys.index("total")]):
             grad_norm = float(self.engine.step(self.job.optim.grad_clip))
-            self.state.nonfinite_in_a_row = 0
+            finite = True
         else:
-            grad_norm = float("nan")
-            self.skip_nonfinite_step()
-        self.update_expert_bias(math.isfinite(stats["loss/total"]))
+            grad_norm, finite = float("nan"), False
+            self.engine.skip_step()
+        self.update_expert_bias(finite)
         self.scheduler.step()
-        self.state.tokens_seen += int(reduced[-1])
-        self.state.visual_positions_seen += int(denominators.get("visual", torch.tensor(0)))
-        stats.update({"optim/grad_norm": grad_norm, "optim/lr": lr, "_tokens": float(reduced[-1]),
-                      "optim/nonfinite_steps": self.state.nonfinite_steps})
-        return stats
+        values = torch.tensor([*host, *global_counts.tolist(), grad_norm, float(finite)], dtype=torch.float64)
+        return PendingStep(step, keys, names, values, lr, metrics)
+
+    def resolve_pending(self) -> dict:
+        """Read every pending step (one device synchronisation for all), account for each in
+        order (tokens seen, non-finite steps skipped and counted; the abort after
+        ``max_nonfinite_steps`` in a row) and return the last one's results."""
+        read = self.read_pending()
+        return read[-1] if read else {}
+
+    def read_pending(self) -> list[dict]:
+        """:meth:`resolve_pending`, returning every pending step's results in order."""
+        pending, self.pending = self.pending, []
+        rows = torch.cat([p.values.to("cpu", torch.float64) for p in pending]).tolist() if pending else []
+        out, at = [], 0
+        for p in pending:
+            n_keys, n_names = len(p.keys), len(p.names)
+            row = rows[at:at + n_keys + 1 + n_names + 2]
+            at += len(row)
+            losses, tokens = row[:n_keys], row[n_keys]
+            counts, (grad_norm, finite) = row[n_keys + 1:n_keys + 1 + n_names], row[-2:]
+            stats = {f"{'metric' if k in p.metrics else 'loss'}/{k}": v for k, v in zip(p.keys, losses)}
+            for n, c in zip(p.names, counts):   # a source absent from the step has
+                if c == 0 and is_per_source(n, p.names):   # no loss/<name>/<source>, not a 0
+                    stats.pop(f"loss/{n}", None)
+            if finite:
+                self.state.nonfinite_in_a_row = 0
+            else:
+                grad_norm = float("nan")
+                self.count_nonfinite_step(p.step)
+            self.state.tokens_seen += int(tokens)
+            self.state.visual_positions_seen += int(dict(zip(p.names, counts)).get("visual", 0))
+            if self.window is not None:
+                self.window["tokens"] += tokens
+            stats.update({"optim/grad_norm": grad_norm, "optim/lr": p.lr, "_tokens": tokens,
+                          "optim/nonfinite_steps": self.state.nonfinite_steps})
+            out.append(stats)
+        return out
 
     def update_expert_bias(self, stepped: bool) -> None:
         """MoE aux-loss-free balancing, once per optimizer step: the step's per-expert loads
@@ -377,16 +489,17 @@ class Trainer:
                 self._last_heatmap = step
         return out
 
-    def skip_nonfinite_step(self) -> None:
-        self.engine.skip_step()
+    def count_nonfinite_step(self, step: int) -> None:
+        """Step ``step`` had a non-finite loss: its update was skipped (the engine's
+        skip_step, or on the device); count it and abort after too many in a row."""
         self.state.nonfinite_steps += 1
         self.state.nonfinite_in_a_row += 1
         limit = self.job.trainer.max_nonfinite_steps
         log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)",
-                    self.state.step + 1, self.state.nonfinite_in_a_row, self.state.nonfinite_steps)
+                    step, self.state.nonfinite_in_a_row, self.state.nonfinite_steps)
         if self.state.nonfinite_in_a_row > limit:
             raise NonFiniteLossError(
-                f"aborting at step {self.state.step + 1}: {self.state.nonfinite_in_a_row} consecutive steps with a "
+                f"aborting at step {step}: {self.state.nonfinite_in_a_row} consecutive steps with a "
                 f"non-finite loss (trainer.max_nonfinite_steps={limit}); lower optim.lr or check the data")
 
     def data_stats(self) -> dict:
@@ -428,6 +541,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if not self.job.checkpoint.enabled:
             return
+        if self.pending:   # the state to save counts every step taken
+            self.resolve_pending()
         # plain values only: the checkpoint loads with weights_only=True (no pickled TrainState)
         train_state = {"state": dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
         rank_state = {"data": self.loader.state_dict()}

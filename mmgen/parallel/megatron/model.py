@@ -29,7 +29,7 @@ from mmgen.models.attention import attend, build_mask
 from mmgen.models.attention import resolve_backend
 from mmgen.models.config import ModelConfig
 from mmgen.models.embedders import EMBEDDERS, embedder_names
-from mmgen.models.heads import HEADS, head_names
+from mmgen.models.heads import HEADS, head_names, select_rows
 from mmgen.models.layers import RMSNorm, apply_rope, rope_cos_sin
 from mmgen.models.moe import is_moe_layer
 from mmgen.models.transformer import rope_scaling
@@ -218,6 +218,6 @@ class MegatronTransformer(MegatronModule):
         h = self.norm(x).transpose(0, 1)                      # [b, s, d]
         if heads is None:
             heads = {name: HEADS[name].default_positions(batch) for name in self.head_names}
-        out = {name: HEADS[name].run(self, h[positions]) for name, positions in heads.items()}
+        out = {name: HEADS[name].run(self, select_rows(h, positions)) for name, positions in heads.items()}
         out["aux"] = aux
         return out
