@@ -119,7 +119,8 @@ class Trainer:
 
             init = pretrained_init(model, job.checkpoint.init_from[len("hf:"):], job.trainer.seed)
         ctx = EngineContext(self.dist, self.dims, precision=job.trainer.precision,
-                            micro_batch_size=job.data.batch_size, grad_accum=job.trainer.grad_accum)
+                            micro_batch_size=job.data.batch_size, grad_accum=job.trainer.grad_accum,
+                            fp8=job.trainer.fp8, fp8_emulate=job.trainer.fp8_emulate)
         self.engine = build_engine(model, job.parallel, job.optim, ctx, init=init, compile=job.trainer.compile)
         self.scheduler = build_scheduler(job.optim, self.engine.optimizer, job.trainer.steps)
         log.info("model %s: %.2fM parameters (non-embedding), %s, %s %s", job.model.name,
