@@ -93,7 +93,7 @@ class TrainerConfig:
                                  f"evaluation ({', '.join(EVALUATIONS)})")
 
     def _validate_fp8(self) -> None:
-        from mmgen.parallel.float8 import FP8_RECIPES  # no torch, no torchao
+        from mmgen.parallel.float8 import FP8_RECIPES  # torchao itself is imported only by a run that converts
 
         if self.fp8 not in FP8_RECIPES:
             raise ValueError(f"trainer.fp8='{self.fp8}' must be one of {', '.join(FP8_RECIPES)}")
