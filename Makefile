@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q wheel "setuptools>=64"
 	@# deepspeed ships only an sdist; building it needs torch, hence no build isolation
-	$(BIN)/pip install -q --no-build-isolation -e '.[test,hf,remote]'
+	@# fp8: torchao, for trainer.fp8's emulated CPU tests (its CUDA kernels only log on a CPU)
+	$(BIN)/pip install -q --no-build-isolation -e '.[test,hf,remote,fp8]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -37,6 +37,8 @@ class EngineContext:
         precision: ``trainer.precision`` (auto = bf16 autocast on CUDA, fp32 on CPU).
         micro_batch_size: ``data.batch_size`` (DeepSpeed's config needs it).
         grad_accum: micro-batches per optimizer step (``trainer.grad_accum``).
+        fp8: ``trainer.fp8``: the trunk's linears in float8 (mmgen/parallel/float8.py).
+        fp8_emulate: ``trainer.fp8_emulate``.
     """
 
     dist: DistInfo
@@ -44,6 +46,8 @@ class EngineContext:
     precision: str = "auto"
     micro_batch_size: int = 1
     grad_accum: int = 1
+    fp8: str = "none"
+    fp8_emulate: bool = False
 
     @property
     def bf16(self) -> bool:

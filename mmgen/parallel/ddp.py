@@ -1,6 +1,6 @@
 # DDP backend: replicated model and optimizer, gradients all-reduced by DistributedDataParallel.
 """``parallel=ddp`` (also the single-process path). Parallelize: expert parallelism
-(``parallel.ep``) -> activation checkpointing -> compile on the meta model; the
+(``parallel.ep``) -> FP8 (``trainer.fp8``) -> activation checkpointing -> compile on the meta model; the
 DistributedDataParallel wrapper comes after materialisation (it broadcasts rank 0's
 parameters at construction, so it needs real ones).
 
@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mmgen.optim import OptimConfig, build_optimizer
 from mmgen.parallel.base import EngineContext, TorchEngine
 from mmgen.parallel.config import ParallelConfig
-from mmgen.parallel.parallelize import apply_block_transforms, apply_expert_parallel_from
+from mmgen.parallel.parallelize import apply_block_transforms, apply_expert_parallel_from, apply_float8_from
 
 
 class DDPEngine(TorchEngine):
@@ -92,8 +92,9 @@ class DDPEngine(TorchEngine):
 
 # -- the backend's registry functions (mmgen.parallel.registry) ----------------------------------
 def parallelize(model: torch.nn.Module, cfg: ParallelConfig, ctx: EngineContext, *, compile: bool) -> None:
-    """Expert parallelism -> activation checkpointing -> compile, on the meta-device plain model."""
+    """Expert parallelism -> FP8 -> activation checkpointing -> compile, on the meta-device plain model."""
     apply_expert_parallel_from(model, cfg, ctx)
+    apply_float8_from(model, ctx)
     apply_block_transforms(model, cfg.activation_checkpointing, compile)
 
 

@@ -382,6 +382,9 @@ def register_external_parameters(deepspeed, module: torch.nn.Module) -> None:
 def parallelize(module: torch.nn.Module, cfg: ParallelConfig, ctx: EngineContext, *, compile: bool) -> None:
     """Activation checkpointing -> compile on the meta-device plain model; ZeRO itself comes
     with ``deepspeed.initialize`` in :func:`build_engine` (it needs real parameters)."""
+    from mmgen.parallel.float8 import check_backend as check_fp8_backend
+
+    check_fp8_backend(ctx.fp8, cfg.name)
     if ctx.dims.dp != ctx.dims.world_size:
         raise ValueError(f"parallel={cfg.name}: DeepSpeed here shards over every rank; layout {ctx.dims.degrees()} "
                          f"needs a backend with tensor/pipeline parallelism")

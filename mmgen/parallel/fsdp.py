@@ -1,8 +1,9 @@
 # FSDP2 backend: parameters, gradients and optimizer states sharded per block (torch fully_shard).
 """``parallel=fsdp2``: the PyTorch-native reference for sharded data parallelism.
 
-Parallelize (on the meta model, :mod:`mmgen.parallel.parallelize`): activation checkpointing
--> compile -> ``fully_shard`` on every block of ``module.layers``, then on the root
+Parallelize (on the meta model, :mod:`mmgen.parallel.parallelize`): FP8 (``trainer.fp8``:
+torchao ``Float8Linear`` in the blocks; FSDP2 shards and all-gathers their high-precision
+weights) -> activation checkpointing -> compile -> ``fully_shard`` on every block of ``module.layers``, then on the root
 (embeddings, norms and heads). Parameters become DTensors sharded on dim 0 over the
 data-parallel mesh; :func:`~mmgen.parallel.parallelize.materialize` then allocates each rank's
 shards and copies them out of an unsharded initialisation, so the weights equal those of one
@@ -42,21 +43,22 @@ from mmgen.optim import OptimConfig, build_optimizer
 from mmgen.parallel.base import EngineContext, TorchEngine
 from mmgen.parallel.config import ParallelConfig
 from mmgen.parallel.dist import ensure_process_group
-from mmgen.parallel.parallelize import apply_block_transforms, apply_expert_parallel_from
+from mmgen.parallel.parallelize import apply_block_transforms, apply_expert_parallel_from, apply_float8_from
 
 FSDP_DIR = "fsdp"
 PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parallelize(module: torch.nn.Module, cfg: ParallelConfig, ctx: EngineContext, *, compile: bool) -> None:
-    """Activation checkpointing -> compile -> ``fully_shard`` per block and on the root, on the
-    meta-device plain model (registry function)."""
+    """EP -> FP8 -> activation checkpointing -> compile -> ``fully_shard`` per block and on the
+    root, on the meta-device plain model (registry function)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from mmgen.parallel.ep import expert_params
 
     ensure_process_group(ctx.dist, cfg.dist_backend, cfg.timeout_minutes)  # a mesh even for one process
     apply_expert_parallel_from(module, cfg, ctx)
+    apply_float8_from(module, ctx)
     apply_block_transforms(module, cfg.activation_checkpointing, compile)
     # over data- x context-parallel peers: cp ranks hold the same weights, different positions
     mesh = ctx.dims.dp_cp_mesh(ctx.dist.device.type)

@@ -2,10 +2,11 @@
 """Every backend's ``parallelize(model, cfg, ctx, *, compile)`` runs on the meta-device plain
 model, in one fixed order:
 
-    TP/SP -> CP -> EP -> activation checkpointing -> compile -> FSDP/ZeRO
+    TP/SP -> CP -> EP -> FP8 -> activation checkpointing -> compile -> FSDP/ZeRO
 
-(:func:`apply_expert_parallel_from` is EP for ddp/fsdp2, :func:`apply_block_transforms` the
-middle, each backend adds its sharding; CP changes no module: the engine slices each
+(:func:`apply_expert_parallel_from` is EP for ddp/fsdp2, :func:`apply_float8_from` FP8 for
+them (``trainer.fp8``), :func:`apply_block_transforms` the middle, each backend adds its
+sharding; CP changes no module: the engine slices each
 micro-batch and the mask it carries brings the Ulysses exchange into attention,
 mmgen/parallel/context.py). Then :func:`materialize` allocates the parameters (``to_empty``)
 and initialises them so that every layout holds the same weights as one process: a layout
@@ -65,6 +66,26 @@ def apply_expert_parallel_from(model: nn.Module, cfg, ctx) -> None:
 
     ensure_process_group(ctx.dist, cfg.dist_backend, cfg.timeout_minutes)
     apply_expert_parallel(model, ctx.dims.ep_group(ctx.dist.device.type))
+
+
+def apply_float8_from(model: nn.Module, ctx) -> list[str]:
+    """FP8 (``trainer.fp8``): the trunk's linears become torchao ``Float8Linear`` (mmgen/parallel/
+    float8.py), after EP and before activation checkpointing and compile, so the checkpointed
+    and compiled forward is the float8 one; a no-op at ``fp8=none``.
+
+    Args:
+        model: the meta-device plain model.
+        ctx: the EngineContext (``fp8``, ``fp8_emulate`` and the device it checks).
+
+    Returns:
+        the names of the converted linears.
+    """
+    if ctx.fp8 == "none":
+        return []
+    from mmgen.parallel.float8 import apply_float8, check_device
+
+    check_device(ctx.fp8, ctx.fp8_emulate, ctx.dist.device)
+    return apply_float8(model, ctx.fp8, emulate=ctx.fp8_emulate)
 
 
 def _is_sharded(t: torch.Tensor) -> bool:

@@ -15,6 +15,16 @@ class TrainerConfig:
         device: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` or ``fp32``.
         compile: torch.compile each transformer block (GPU runs; ~80 s per model on CPU).
+        fp8: FP8 training of the trunk's linear layers through torchao's ``Float8Linear``
+            (``pip install 'mmgen[fp8]'``): ``none``, ``tensorwise`` (one dynamic scale per
+            tensor, cuBLAS) or ``rowwise`` (one per row, power-of-two scales, CUTLASS); torchao's
+            ``Float8LinearConfig`` recipes of those names. Attention projections and dense /
+            shared-expert FFN linears of ``model.layers`` are converted; embedders, timestep
+            embedding, heads, the MoE router and routed experts stay in bf16 (mmgen/parallel/float8.py,
+            docs/fp8.md). ``parallel=ddp|fsdp2`` on a GPU with FP8 tensor cores (compute
+            capability >= 8.9); best with ``compile=true``.
+        fp8_emulate: run ``fp8``'s casts with emulated matmuls (torchao's ``emulate``): the FP8
+            rounding without FP8 hardware, e.g. on a CPU; slower than bf16, for tests.
         num_threads: CPU intra-op threads (0 keeps torch's default).
         log_every: optimizer steps between metric records.
         sample_every: steps between sample grids (0: never during training).
@@ -55,6 +65,8 @@ class TrainerConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    fp8: str = "none"
+    fp8_emulate: bool = False
     num_threads: int = 0
     log_every: int = 10
     sample_every: int = 0
@@ -77,6 +89,7 @@ class TrainerConfig:
             raise ValueError(f"trainer.device='{self.device}' must be auto, cpu or cuda")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"trainer.precision='{self.precision}' must be auto, bf16 or fp32")
+        self._validate_fp8()
         if self.log_every < 1:
             raise ValueError("trainer.log_every must be >= 1")
         if self.sync_every < 0:
@@ -91,3 +104,18 @@ class TrainerConfig:
             if self.eval_task not in EVALUATIONS:
                 raise ValueError(f"trainer.eval_task='{self.eval_task}' is not a registered "
                                  f"evaluation ({', '.join(EVALUATIONS)})")
+
+    def _validate_fp8(self) -> None:
+        from mmgen.parallel.float8 import FP8_RECIPES  # torchao itself is imported only by a run that converts
+
+        if self.fp8 not in FP8_RECIPES:
+            raise ValueError(f"trainer.fp8='{self.fp8}' must be one of {', '.join(FP8_RECIPES)}")
+        if self.fp8 == "none":
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("torchao") is None:
+            raise ValueError("trainer.fp8 needs torchao: pip install 'mmgen[fp8]'")
+        if self.device == "cpu" and not self.fp8_emulate:
+            raise ValueError(f"trainer.fp8={self.fp8} needs FP8 tensor cores (a CUDA GPU of compute capability "
+                             f">= 8.9); on trainer.device=cpu set trainer.fp8_emulate=true (emulated, no speed-up)")

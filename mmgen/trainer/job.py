@@ -77,6 +77,7 @@ class JobConfig:
             raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
                               f"{tokenizer.vocab_size} ids")
         self._validate_heads()
+        self._validate_fp8()
         try:
             self.parallel.validate_model(m, d.seq_len)
         except ValueError as e:
@@ -144,11 +145,21 @@ class JobConfig:
         if self.data.codec != "pixels":
             raise ConfigError(f"model.family={m.family} learns from pixels: data.codec must be pixels, "
                               f"got {self.data.codec}")
-        if p.name != "ddp" or p.activation_checkpointing != "none" or self.trainer.compile:
+        if p.name != "ddp" or p.activation_checkpointing != "none" or self.trainer.compile or self.trainer.fp8 != "none":
             raise ConfigError(f"model.family={m.family} trains under parallel=ddp without "
-                              f"activation checkpointing or trainer.compile (got parallel={p.name}, "
+                              f"activation checkpointing, trainer.compile or trainer.fp8 (got parallel={p.name}, "
                               f"activation_checkpointing={p.activation_checkpointing}, "
-                              f"compile={self.trainer.compile})")
+                              f"compile={self.trainer.compile}, fp8={self.trainer.fp8})")
+
+    def _validate_fp8(self) -> None:
+        """``trainer.fp8`` converts the transformer trunk's linears inside the plain model: a
+        backend that builds its own layers, or a codec family, has none to convert."""
+        fp8 = self.trainer.fp8
+        if fp8 == "none":
+            return
+        from mmgen.parallel.float8 import check_backend
+
+        check_backend(fp8, self.parallel.name)
 
     def _validate_heads(self) -> None:
         from mmgen.objectives import objective_heads

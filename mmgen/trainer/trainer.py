@@ -132,7 +132,8 @@ class Trainer:
 
             init = pretrained_init(model, job.checkpoint.init_from[len("hf:"):], job.trainer.seed)
         ctx = EngineContext(self.dist, self.dims, precision=job.trainer.precision,
-                            micro_batch_size=job.data.batch_size, grad_accum=job.trainer.grad_accum)
+                            micro_batch_size=job.data.batch_size, grad_accum=job.trainer.grad_accum,
+                            fp8=job.trainer.fp8, fp8_emulate=job.trainer.fp8_emulate)
         optim = job.optim
         if job.trainer.sync_every > 1 and dev.type == "cpu":
             optim = dataclasses.replace(optim, fused_cpu=True)  # the step that skips on the device

@@ -13,6 +13,9 @@ def parallelize(model: torch.nn.Module, cfg, ctx, *, compile: bool) -> None:
     """Nothing on the meta model: the megatron form is built from the materialised plain model
     (``build_engine``), whose initialisation (seed or ``checkpoint.init_from``) is the one every
     backend shares."""
+    from mmgen.parallel.float8 import check_backend as check_fp8_backend
+
+    check_fp8_backend(ctx.fp8, cfg.name)
     if cfg.activation_checkpointing != "none":
         from mmgen.errors import ConfigError
 
