@@ -9,6 +9,8 @@ it up (compilation), then:
   category (GEMMs, attention, the optimizer, cross-entropy, copies, other kernels) and the GPU
   idle time (the step's wall time not covered by any kernel): what the 1.25x goal of the
   GPU performance issue has to take from;
+* times the host's phases (next_batches and its FLOP count, the objective's forward, the
+  trunk, the mask, backward, the optimizer step, the reads) over ``--steps`` more steps;
 * on CUDA, runs one more step under ``torch.cuda.set_sync_debug_mode("warn")`` and records the
   Python stack of every host synchronisation (a sync stops the host from queueing the next
   kernels, so the GPU idles while the host catches up).
@@ -23,6 +25,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -128,11 +131,72 @@ def profile(trainer, dist, n: int) -> dict:
            "gpu_idle_frac": (1 - busy / wall) if cuda and wall > 0 else None,
            "kernel_s_per_step": {k: v / 1e6 / n for k, v in by_cat.most_common()},
            "top_kernels_s_per_step": {k: v / 1e6 / n for k, v in by_name.most_common(25)}}
-    if not cuda:   # CPU: the operators' self time instead of kernels
-        table = prof.key_averages()
-        out["top_cpu_ops_s_per_step"] = {e.key: e.self_cpu_time_total / 1e6 / n for e in
-                                         sorted(table, key=lambda e: -e.self_cpu_time_total)[:25]}
+    # host side: operators' and CUDA runtime calls' self time (launches, copies, syncs)
+    table = prof.key_averages()
+    out["top_cpu_ops_s_per_step"] = {e.key: e.self_cpu_time_total / 1e6 / n for e in
+                                     sorted(table, key=lambda e: -e.self_cpu_time_total)[:30]}
+    out["cpu_op_calls_per_step"] = {e.key: e.count / n for e in
+                                    sorted(table, key=lambda e: -e.count)[:15]}
     return out
+
+
+class HostTimes:
+    """Host seconds spent inside a few phases of the step (wrapped, no device sync): where the
+    host's time per step goes when it, not the GPU, sets the pace."""
+
+    def __init__(self, trainer):
+        import mmgen.trainer.trainer as trainer_module
+
+        self.total = collections.Counter()
+        self.restore = []
+        engine, model = trainer.engine, trainer.engine.module
+        self.wrap(trainer, "next_batches")
+        self.wrap(trainer, "read_pending")
+        self.wrap(trainer_module, "training_flops")
+        self.wrap(engine, "backward")
+        self.wrap(engine, "step_on_device" if trainer.sync_every > 1 else "step", "optimizer_step")
+        self.wrap(model, "build_mask")
+        self.wrap(model, "embed")
+        self.wrap(model, "trunk", "trunk_forward")
+        objective = trainer.objective
+        timer = self
+
+        class Timed:
+            def __getattr__(self, name):
+                return getattr(objective, name)
+
+            def __call__(self, *args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return objective(*args, **kwargs)
+                finally:
+                    timer.total["objective_forward"] += time.perf_counter() - t0
+
+        trainer.objective = Timed()
+        self.restore.append(lambda: setattr(trainer, "objective", objective))
+
+    def wrap(self, owner, name: str, label: str = "") -> None:
+        fn = getattr(owner, name)
+        label = label or name
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total[label] += time.perf_counter() - t0
+
+        if isinstance(owner, type(sys)):   # a module-level function
+            setattr(owner, name, timed)
+            self.restore.append(lambda: setattr(owner, name, fn))
+        else:
+            owner.__dict__[name] = timed
+            self.restore.append(lambda: owner.__dict__.pop(name, None))
+
+    def per_step(self, steps: int) -> dict:
+        for undo in self.restore:
+            undo()
+        return {k: v / steps for k, v in self.total.most_common()}
 
 
 def sync_sites(trainer) -> list[dict]:
@@ -194,8 +258,19 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         step_s = (time.perf_counter() - t) / a.steps
+        phases = HostTimes(trainer)
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            one_step(trainer)
+        trainer.read_pending()
+        if cuda:
+            torch.cuda.synchronize()
+        phase_step_s = (time.perf_counter() - t) / a.steps
+        host_phases = phases.per_step(a.steps)
         result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                   "overrides": a.overrides, "warmup_s": warm_s, "sync_every": trainer.sync_every, "step_s": step_s,
+                  "host_phases_s_per_step": host_phases, "loadavg": os.getloadavg(),
+                  "threads": torch.get_num_threads(), "step_s_with_phase_timers": phase_step_s,
                   "next_batches_s_median": sorted(host)[len(host) // 2],
                   "profile": profile(trainer, dist, a.profile_steps),
                   "sync_sites": sync_sites(trainer) if cuda else None}
