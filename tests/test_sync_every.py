@@ -76,3 +76,24 @@ def test_sync_every_falls_back_to_every_step_where_the_engine_cannot_skip_on_the
     # CPU default: read every step
     t = make_trainer(shapes_dir, tmp_path / "b", STEPS)
     assert t.sync_every == 1 and not t.engine.optimizer.defaults["fused"]
+
+
+def test_scatter_add_lookup_matches_the_embedding_backward():
+    """mmgen's Embedding on CUDA runs _ScatterAddLookup (no host sync in its backward); the
+    function itself is device-independent, so its forward and gradient are checked here against
+    torch's embedding on CPU, repeated ids included."""
+    from mmgen.models.layers import _ScatterAddLookup
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, 8, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 40))
+    ids[0, :10] = 7                                       # one id many times
+    upstream = torch.randn(3, 40, 8)
+    ours = _ScatterAddLookup.apply(weight, ids)
+    (ours * upstream).sum().backward()
+    grad_ours, weight.grad = weight.grad, None
+    ref = torch.nn.functional.embedding(ids, weight)
+    (ref * upstream).sum().backward()
+    assert torch.equal(ours, ref)
+    torch.testing.assert_close(grad_ours, weight.grad, rtol=1e-6, atol=1e-6)
+    assert grad_ours[7].abs().sum() > 0 and grad_ours[ids.unique()].ne(0).any(1).all()

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from mmgen.batch import MultimodalBatch
 from mmgen.models.config import ModelConfig
-from mmgen.models.layers import TimestepEmbedding, _trunc_normal
+from mmgen.models.layers import Embedding, TimestepEmbedding, _trunc_normal
 
 
 class VisualPositionEmbedding(nn.Module):
@@ -100,7 +100,7 @@ def _visual_pos_embed(model, x, batch: MultimodalBatch, visual_in, span_t) -> to
 
 EMBEDDERS: dict[str, Embedder] = {
     "text": Embedder(
-        build=lambda cfg: {"tok_embeddings": nn.Embedding(cfg.vocab_size, cfg.dim)},
+        build=lambda cfg: {"tok_embeddings": Embedding(cfg.vocab_size, cfg.dim)},
         init_weights=_text_init, embed=_text_embed),
     "visual": Embedder(build=_visual_build, init_weights=_visual_init, embed=_visual_embed),
     "visual_pos": Embedder(

@@ -16,6 +16,40 @@ def _trunc_normal(weight: torch.Tensor, std: float) -> None:
     nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
 
+class _ScatterAddLookup(torch.autograd.Function):
+    """``F.embedding`` whose backward is one ``index_add_`` into a zero gradient. torch's CUDA
+    embedding backward (the sort-based kernel used above 3,072 ids) reads a segment count back
+    to the host: a device synchronisation at the very end of every backward, after which the
+    GPU idles while the host queues the optimizer step and the next step's inputs."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        grad_weight = grad.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
+        grad_weight.index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(ctx.weight_dtype))
+        return grad_weight, None
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` (same parameter, same state-dict key) that trains without a host sync on
+    CUDA (:class:`_ScatterAddLookup`; its atomic adds sum in no fixed order, so under
+    ``trainer.deterministic`` and on CPU torch's own lookup runs)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        plain = (self.padding_idx is not None or self.max_norm is not None or self.scale_grad_by_freq
+                 or self.sparse)
+        if (ids.is_cuda and self.weight.requires_grad and torch.is_grad_enabled() and not plain
+                and not torch.are_deterministic_algorithms_enabled()):
+            return _ScatterAddLookup.apply(self.weight, ids)
+        return super().forward(ids)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
