@@ -44,6 +44,7 @@ Usage (GPU machine; data is made with ``mmgen data make-shapes`` if missing):
     python bench/gpu_perf.py --parts latents
     python bench/gpu_perf.py --parts quality [--presets shapes_vqar_gpu]
     python bench/gpu_perf.py --tiny --parts real,backends,sparse,latents,quality   # CPU, debug sizes
+    python bench/gpu_perf.py --dry-run --backend-modes eager,compiled   # validate every GPU row's config
 """
 from __future__ import annotations
 
@@ -230,6 +231,8 @@ class Runner:
             cmd.append(f"trainer.steps={steps}")
         row = {"label": label, "overrides": overrides, "command": shlex.join(["python", *cmd[1:]]), "run_dir": str(run_dir),
                "commit": COMMIT, "time": now()}
+        if self.a.dry_run:
+            return {**row, **dry_run(cmd[3:])}
         limit = self.timeout(timeout)
         if limit < 20:
             return {**row, "skipped": f"budget: {max(self.left(), 0):.0f} s left of --budget {self.a.budget:.0f}"}
@@ -254,8 +257,8 @@ class Runner:
         if out is not None:
             cmd += ["--out", str(out)]
         limit = self.timeout(timeout or self.a.eval_timeout)
-        if limit < 20:
-            return {"skipped": "budget"}
+        if self.a.dry_run or limit < 20:
+            return {"skipped": "dry run" if self.a.dry_run else "budget"}
         out_dir = out or run_dir / "eval"
         dt, err = run_process(cmd, out_dir.parent / f"{out_dir.name}_eval.log", limit)
         if err:
@@ -266,6 +269,20 @@ class Runner:
         attrs.update({f"caption/{k}": cap[k] for k in (*ATTRIBUTES, "exact") if k in cap})
         return {"eval_s": round(dt, 1), "eval_command": shlex.join(["python", *cmd[1:]]), "image": img, "caption": cap,
                 "min_score": min(attrs.values()) if attrs else None, "grid": scores.get("grid")}
+
+
+def dry_run(overrides: list[str]) -> dict:
+    """--dry-run: compose and validate the row's configuration as mmgen-train's start-up does."""
+    from mmgen.cli.preflight import compose_job
+    from mmgen.cli.preflight import one_line as config_error
+
+    try:
+        job = compose_job(overrides)
+        job.validate()
+    except Exception as e:  # noqa: BLE001 - any start-up refusal is the row's result
+        return {"skipped": "dry run", "dry_run_error": config_error(e)}
+    return {"skipped": "dry run", "dry_run": f"validates: model {job.model.name}, parallel {job.parallel.name}, "
+                                              f"compile {job.trainer.compile}"}
 
 
 def ok(row: dict) -> bool:
@@ -360,9 +377,11 @@ def perf_data(r: Runner) -> str:
 
     if r.a.tiny:
         path = r.work / "data" / "shapes32"
-        make_shapes(path, 32, 400, 40)
+        if not r.a.dry_run:
+            make_shapes(path, 32, 400, 40)
         return str(path)
-    ensure_data(r.a.data, 128)
+    if not r.a.dry_run:
+        ensure_data(r.a.data, 128)
     return r.a.data
 
 
@@ -551,14 +570,15 @@ def part_latents(r: Runner, res: Results) -> dict:
                    TINY_VAE if tiny else GPU_VAE, image_size)
     codec = f"vae:{vae['vae_file']}"
     # the raw images the two runs read: the first --latent-shards training shards, and val
-    train = sorted((data / "train").glob("*.tar"))[: r.a.latent_shards]
+    train = sorted((data / "train").glob("*.tar"))[: r.a.latent_shards] or \
+        [data / "train" / f"shapes-train-{i:06d}.tar" for i in range(r.a.latent_shards)]   # --dry-run: not made
     raw = {"train": "::".join(map(str, train)), "val": str(data / "val")}
     cache = work / "cache"
     dev = "cpu" if r.a.device == "cpu" else "cuda"
     t0 = time.time()
     encode = {"device": dev}
     for split in ("train", "val"):
-        if (cache / split / "codec.json").is_file():
+        if (cache / split / "codec.json").is_file() or r.a.dry_run:
             continue
         if (cache / split).exists():
             shutil.rmtree(cache / split)
@@ -620,7 +640,9 @@ def train_codec(r: Runner, res: Results, preset: str) -> tuple[str, dict]:
     # the preset's own codec path (runs/<codec>) on a GPU; --tiny's 4-step codecs stay apart
     run = (r.runs / "codecs" if r.a.tiny else r.work / "runs") / codec_preset
     info: dict = {"codec_preset": codec_preset, "codec_run": str(run)}
-    if has_checkpoint(run) and not r.a.retrain_codecs:
+    if r.a.dry_run:
+        info["codec_reused"] = has_checkpoint(run)
+    elif has_checkpoint(run) and not r.a.retrain_codecs:
         info["codec_reused"] = True
     else:
         data = quality_data(r)
@@ -660,7 +682,9 @@ def train_minutes(recs: list[dict]) -> float | None:
 
 def quality_data(r: Runner) -> str:
     path = r.work / "data" / ("shapes32" if r.a.tiny else "shapes")
-    if r.a.tiny:
+    if r.a.dry_run:
+        pass
+    elif r.a.tiny:
         make_shapes(path, 32, 400, 40)
     else:
         make_shapes(path, 32, 20000, 1000)   # mmgen data make-shapes' defaults: what the presets read
@@ -692,7 +716,7 @@ def part_quality(r: Runner, res: Results) -> dict:
         codec_info: dict = {}
         if preset in PRESET_CODEC:
             codec, codec_info = train_codec(r, res, preset)
-            if codec_info.get("codec_error"):
+            if codec_info.get("codec_error") and not r.a.dry_run:
                 res.add({"label": preset, "overrides": over, "error": f"codec: {codec_info['codec_error']}",
                          **codec_info, "commit": COMMIT, "time": now()})
                 continue
@@ -703,6 +727,9 @@ def part_quality(r: Runner, res: Results) -> dict:
         row = r.train("quality", preset, over, 0, 0, timeout=r.a.quality_minutes * 60 + 150,
                       log_every=1 if r.a.tiny else 100)
         row.update(codec_info)
+        if r.a.dry_run:
+            res.add(row)
+            continue
         run = Path(row["run_dir"])
         recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
                 if l.strip()] if (run / "metrics.jsonl").is_file() else []
@@ -776,6 +803,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="", help="runs/, data/ and codecs go here (default: the repo root)")
     p.add_argument("--data", default="data/shapes128", help="the 128-px shapes set of the performance parts")
     p.add_argument("--fresh", action="store_true", help="drop the rows of earlier calls in the results file")
+    p.add_argument("--dry-run", action="store_true", help="compose and validate every row's configuration "
+                   "(no data, no training; results under <work>/runs/gpu_perf/dry_run)")
     p.add_argument("--real-log-every", type=csv(int), default=None,
                    help="real: one row per trainer.log_every (default 1,10; --tiny 1,2)")
     p.add_argument("--backends", type=csv(), default=list(BACKENDS))
@@ -803,7 +832,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown: {', '.join(bad)}")
     a.work = a.work or str(ROOT)
-    a.out_dir = a.out_dir or str(Path(a.work, "runs", "gpu_perf", "results") if a.tiny else ROOT / "bench" / "results")
+    if not a.out_dir:
+        a.out_dir = str(Path(a.work, "runs", "gpu_perf", "dry_run" if a.dry_run else "results")
+                        if a.tiny or a.dry_run else ROOT / "bench" / "results")
     a.real_log_every = a.real_log_every or ([1, 2] if a.tiny else [1, 10])
     return a
 

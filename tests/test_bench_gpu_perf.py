@@ -117,3 +117,23 @@ def test_one_line_error(text, line):
     from gpu_perf import one_line
 
     assert one_line(text) == line
+
+
+def test_dry_run_validates_every_gpu_row(tmp_path):
+    """--dry-run composes and validates each GPU row's configuration (the full-size rows, which
+    this machine cannot train): every backend in both compile settings, the sparse flavors with
+    their eager fallbacks, both latents rows with the SD-like VAE file made here."""
+    r = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--work", str(tmp_path), "--tag", "dry",
+                        "--parts", "backends,sparse,latents", "--backend-modes", "eager,compiled"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "gpu_perf" / "dry_run"
+    rows = {}
+    for part in ("backends", "sparse", "latents"):
+        rows.update({row["label"]: row for row in json.loads((out / f"gpu_perf_{part}_dry.json").read_text())["rows"]})
+    assert len(rows) == 10 + 6 + 2
+    bad = {k: v["dry_run_error"] for k, v in rows.items() if "dry_run_error" in v}
+    assert not bad
+    assert rows["zero3_compiled"]["dry_run"] == "validates: model 1b, parallel zero3, compile True"
+    assert rows["moe_8x_loop"]["dry_run"] == "validates: model moe_8x, parallel ddp, compile True"
+    assert "data.encode_on=device" in rows["encode_on_device"]["command"]
