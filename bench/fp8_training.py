@@ -196,6 +196,9 @@ def curve_part(a: argparse.Namespace, dist) -> dict:
 # ---------------------------------------------------------------- entry
 
 def commit() -> str:
+    # the environment first: a copy of the tree on a GPU machine may carry an older .git
+    if os.environ.get("MMGEN_COMMIT"):
+        return os.environ["MMGEN_COMMIT"]
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=False).stdout.strip()

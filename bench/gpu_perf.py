@@ -31,8 +31,8 @@ Parts (``--parts``, comma-separated; defaults sized for ~2-4 minutes each on one
   (``codec_vq_shapes`` / ``codec_vae_shapes``) unless ``runs/<codec>`` already has a checkpoint.
   ``--quality-curve`` also scores every saved checkpoint (minutes to reach >= 0.95).
 
-A JSON holds the device name, torch version, commit (``git rev-parse HEAD``, else
-``$MMGEN_COMMIT``), the command line, and per row its command, overrides, commit and time. Rows
+A JSON holds the device name, torch version, commit (``$MMGEN_COMMIT``, else
+``git rev-parse HEAD``), the command line, and per row its command, overrides, commit and time. Rows
 of an earlier call in the same file are kept unless a row of the same label replaces them
 (``--fresh`` starts the file anew), so a part split over several device calls lands in one file.
 
@@ -101,7 +101,8 @@ def sh_out(cmd: list[str]) -> str:
 
 
 def commit() -> str:
-    return sh_out(["git", "rev-parse", "HEAD"]) or os.environ.get("MMGEN_COMMIT", "unknown")
+    # the environment first: a copy of the tree on a GPU machine may carry an older .git
+    return os.environ.get("MMGEN_COMMIT") or sh_out(["git", "rev-parse", "HEAD"]) or "unknown"
 
 
 def device_info(device: str) -> tuple[str, str]:

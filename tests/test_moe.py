@@ -269,3 +269,18 @@ def test_stats_are_not_counted_twice_under_activation_checkpointing():
     y.sum().backward()     # recomputes the forward inside the backward
     assert float(collect_router_stats(model)[0]["tokens"]) == 10
     assert float(step_loads(model).sum()) == 20
+
+
+def test_compiled_grouped_experts_fall_back_where_grouped_mm_takes_bf16_only():
+    """Under torch.compile, torch._grouped_mm's meta function takes bf16 only (on any device):
+    an fp32 MoE compiled on CPU failed in dynamo before; the grouped impl now runs padded bmm
+    there, and matches the loop."""
+    from mmgen.models.moe import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(4, 16, 32, "grouped")
+    experts.init_weights(0.1, 0.1)
+    x = torch.randn(24, 16)
+    counts = [10, 0, 6, 8]
+    compiled = torch.compile(lambda rows: experts(rows, counts), backend="eager", fullgraph=False)
+    torch.testing.assert_close(compiled(x), experts(x, counts, impl="loop"), rtol=1e-5, atol=1e-6)

@@ -202,8 +202,9 @@ class Experts(nn.Module):
             return x.new_zeros(0, self.w2.shape[-1]) + 0 * (self.w1.sum() + self.w3.sum() + self.w2.sum() + x.sum())
         if impl == "loop":
             return self._loop(x, counts)
-        if _grouped_mm_ok(x, self.w1, self.w2):
-            return self._grouped_mm(x, counts)
+        dtype = _grouped_mm_dtype(x)
+        if dtype is not None and _grouped_mm_ok(x.to(dtype), self.w1, self.w2):
+            return self._grouped_mm(x.to(dtype), counts)
         return self._padded_bmm(x, counts)
 
     def _loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -240,6 +241,22 @@ class Experts(nn.Module):
             _trunc_normal(self.w1[e], std)
             _trunc_normal(self.w3[e], std)
             _trunc_normal(self.w2[e], out_std)
+
+
+def _grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch._grouped_mm`` runs in for ``x``, or None where it cannot (then padded
+    ``bmm``): bf16 on CUDA (its kernels take bf16 only; under bf16 autocast the fp32 rows are cast,
+    as autocast would for a matmul) and under torch.compile (its meta function checks the same,
+    on any device: compiling an fp32 MoE on CPU failed in dynamo's fake-tensor pass); in eager on
+    CPU any dtype (the CPU kernel takes fp32)."""
+    if not (x.is_cuda or torch.compiler.is_compiling()):
+        return x.dtype
+    if x.dtype == torch.bfloat16:
+        return x.dtype
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16:
+        return torch.bfloat16
+    return None
 
 
 def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
