@@ -84,7 +84,7 @@ def test_init_from_a_dense_checkpoint_upcycles(tmp_path):
     torch.testing.assert_close(got["flow"], ref["flow"], rtol=1e-5, atol=1e-6)
 
 
-def test_motmoe_debug_trains_with_experts_per_tower(shapes_dir, tmp_path):
+def test_motmoe_debug_trains_resumes_bitwise_and_exports(shapes_dir, tmp_path):
     # MoT x MoE: each tower's FFN is an MoE; its router statistics are logged per tower
     args = ["model=motmoe_debug", "trainer.steps=4", "checkpoint.every=100", "trainer.log_every=2"]
     trainer = make_trainer(shapes_dir, tmp_path / "m", args)
@@ -96,3 +96,20 @@ def test_motmoe_debug_trains_with_experts_per_tower(shapes_dir, tmp_path):
     assert last["loss/moe_balance"] > 0 and torch.isfinite(torch.tensor(last["loss/total"]))
     for key in ("router/L0/imbalance", "router/L0/T1/imbalance"):
         assert key in last, sorted(k for k in last if k.startswith("router/"))
+
+    # stopped at step 2 (a checkpoint) and resumed: the uninterrupted run's losses and weights
+    first = make_trainer(shapes_dir, tmp_path / "r", args)
+    first.train(stop_at=2)
+    resumed = make_trainer(shapes_dir, tmp_path / "r", args)
+    assert resumed.state.step == 2
+    resumed.train()
+    a, b = losses(tmp_path / "m"), losses(tmp_path / "r")
+    assert sorted(a) == sorted(b) == [2, 4] and a == b, "losses after resume differ from the uninterrupted run"
+    for (n, p), q in zip(trainer.engine.module.state_dict().items(), resumed.engine.module.state_dict().values()):
+        assert torch.equal(p, q), n
+
+    exported = export_safetensors(tmp_path / "r", tmp_path / "motmoe.safetensors")
+    plain = build_model(FLAVORS["motmoe_debug"])
+    load_model_weights(plain, exported)
+    for k, v in resumed.engine.module.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
