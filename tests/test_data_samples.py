@@ -179,6 +179,90 @@ def test_interleaved_document_tokens_targets_and_truncation():
     assert len(short.spans) == 1                      # the second image did not fit
 
 
+@pytest.mark.parametrize("mode,want", [("last", [False, True]), ("all", [True, True]),
+                                       ("none", [False, False])])
+def test_interleaved_targets_by_config(mode, want):
+    s = dec.InterleavedSample("doc", "s.tar", ["Hi", _img(10), "there", _img(20), "bye"])
+    doc = build_interleaved_document(s, 0, 0.5, TOK, CODEC, seq_len=256, targets=mode)
+    assert [sp.is_target for sp in doc.spans] == want
+    # the text before a generated image predicts its BOI; before a condition nothing does
+    boi = [sp.start - 1 for sp in doc.spans]
+    assert [doc.targets[b - 1].item() == TOK.boi for b in boi] == want
+    # "last" is the last image kept after the cut
+    short = build_interleaved_document(s, 0, 0.5, TOK, CODEC, seq_len=30, targets="last")
+    assert [sp.is_target for sp in short.spans] == [True]
+    with pytest.raises(ValueError, match="interleaved targets"):
+        build_interleaved_document(s, 0, 0.5, TOK, CODEC, seq_len=256, targets="first")
+
+
+def test_interleaved_condition_and_target_mask_and_losses_match_brute_force():
+    """A document of text, a condition image, text, a target image, text (``targets=last``),
+    packed with a second document: the attention mask against the rule written out per (q, k),
+    and the Transfusion losses against a per-position recomputation from the model's outputs."""
+    from mmgen.data.pack import BatchPacker
+    from mmgen.models import FLAVORS, build_model
+    from mmgen.models.attention import build_dense_mask
+    from mmgen.objectives.config import ObjectiveConfig
+    from mmgen.objectives.flow import sample_flow
+    from mmgen.objectives.transfusion import TransfusionObjective
+
+    torch.manual_seed(0)
+    s = dec.InterleavedSample("doc", "s.tar", ["A red", _img(60), "and then", _img(200), "done"])
+    other = dec.InterleavedSample("doc2", "s.tar", ["x", _img(120), "y"])
+    packer = BatchPacker(1, 96)
+    for d in (build_interleaved_document(s, 0, 0.5, TOK, CODEC, seq_len=96, targets="last"),
+              build_interleaved_document(other, 0, 0.5, TOK, CODEC, seq_len=96, targets="none")):
+        assert packer.add(d)
+    batch = packer.build(TOK.pad, CODEC.payload_dim)
+    sp = batch.spans
+    assert sp.is_target.tolist() == [False, True, False] and sp.row.tolist() == [0, 0, 0]
+
+    # the mask, brute force: same document; key at or before the query, or both in one span
+    doc, span = batch.document_ids[0].tolist(), batch.span_ids[0].tolist()
+    L = len(doc)
+    want = torch.zeros(L, L, dtype=torch.bool)
+    for q in range(L):
+        for k in range(L):
+            if doc[q] < 0:
+                want[q, k] = q == k          # padding sees itself only
+            elif doc[q] == doc[k]:
+                want[q, k] = k <= q or (span[q] >= 0 and span[q] == span[k])
+    assert torch.equal(build_dense_mask(batch)[0, 0], want)
+
+    # the losses, brute force over positions, from the same forward
+    model = build_model(FLAVORS["debug"])
+    model.init_weights()
+    torch.nn.init.normal_(model.visual_out.weight, std=0.05)   # a zero-initialised head would predict 0
+    objective = TransfusionObjective(ObjectiveConfig())
+    counts = objective.local_counts(batch)
+    denominators = {k: v.clamp(min=1).float() for k, v in counts.items()}
+    flow = sample_flow(batch, objective.cfg, torch.Generator().manual_seed(3))
+    cont = batch.continuous_mask()[0]
+    n_cond = int(sp.length[0])
+    assert (flow.span_t[[0, 2]] == 0).all() and flow.span_t[1] > 0       # conditions stay clean
+    assert torch.equal(flow.x_t[:n_cond], flow.x0[:n_cond])
+    assert flow.is_loss.tolist() == [i in range(n_cond, n_cond + int(sp.length[1]))
+                                     for i in range(int(cont.sum()))]
+    losses = objective.losses(model, batch, flow, denominators)
+    with torch.no_grad():
+        everywhere = torch.ones_like(batch.targets, dtype=torch.bool)
+        out = model(batch, flow.x_t, flow.span_t, heads={"lm": everywhere, "flow": batch.continuous_mask()})
+    text_sum, text_n = 0.0, 0
+    for i, t in enumerate(batch.targets[0].tolist()):
+        if t != IGNORE_INDEX:
+            text_sum += float(torch.nn.functional.cross_entropy(out["lm"][i], torch.tensor(t)))
+            text_n += 1
+    vis_sum, vis_n = 0.0, 0
+    for row in range(int(cont.sum())):
+        if flow.is_loss[row]:
+            velocity = flow.noise[row] - flow.x0[row]
+            vis_sum += float((out["flow"][row].float() - velocity).square().mean())
+            vis_n += 1
+    assert text_n == int(counts["text"]) and vis_n == int(counts["visual"]) == int(sp.length[1])
+    assert float(losses["text"].detach()) == pytest.approx(text_sum / text_n, rel=1e-5)
+    assert float(losses["visual"].detach()) == pytest.approx(vis_sum / vis_n, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # all three through the loader, checked against the batch contract
 # ---------------------------------------------------------------------------------------------

@@ -139,6 +139,9 @@ class DataConfig:
     video_clip_start: str = "random"   # random (hash of seed and key) | start | center
     # -- interleaved documents -----------------------------------------------------------------
     max_images_per_doc: int = 8     # images after this many are dropped (counted)
+    # which images of an interleaved document are generated (targets) and which condition:
+    # random (each with probability t2i_ratio) | last (the last one kept) | all | none
+    interleaved_targets: str = "random"
     # -- remote shards (http(s)://, s3://, gs://, pipe:) ---------------------------------------
     remote: RemoteConfig = field(default_factory=RemoteConfig)
 
@@ -223,6 +226,8 @@ class DataConfig:
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         need(self.prefetch_factor >= 1, f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
         need(0.0 <= self.t2i_ratio <= 1.0, f"t2i_ratio must be in [0, 1], got {self.t2i_ratio}")
+        need(self.interleaved_targets in ("random", "last", "all", "none"),
+             f"interleaved_targets='{self.interleaved_targets}' must be random, last, all or none")
         need(0.0 <= self.caption_dropout <= 1.0,
              f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         need(self.max_images_per_doc >= 1,

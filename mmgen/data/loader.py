@@ -290,7 +290,7 @@ class _SourceReader:
             if not isinstance(out, tuple):
                 self.images_dropped += out.images_dropped
                 doc = build_interleaved_document(out, cfg.seed, cfg.t2i_ratio, tok, self.codec,
-                                                 cfg.seq_len, name)
+                                                 cfg.seq_len, name, cfg.interleaved_targets)
                 self.truncated += bool(doc.meta["truncated"])
         if isinstance(out, tuple):
             self.skips.skip(out[0], path, key, out[1])

@@ -30,6 +30,8 @@ exact-resume cursor. (A look-ahead packer across batches would pack tighter but 
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -138,10 +140,24 @@ def build_video_document(sample: VideoSample, task: str, caption_dropped: bool, 
                                      type="video", clip=clip))
 
 
+INTERLEAVED_TARGETS = ("random", "last", "all", "none")
+
+
 def build_interleaved_document(sample: InterleavedSample, seed: int, t2i_ratio: float, tokenizer,
-                               codec: VisualCodec, seq_len: int, source: str = "") -> Document:
+                               codec: VisualCodec, seq_len: int, source: str = "",
+                               targets: str = "random") -> Document:
     """Tokenise an interleaved document, cut to ``seq_len`` at a segment boundary (text may be
-    cut); ``meta["truncated"]`` tells whether anything was cut."""
+    cut); ``meta["truncated"]`` tells whether anything was cut.
+
+    Args:
+        targets: which images are generated (targets, with a visual loss; the text before one
+            predicts its BOI) and which are clean conditions (``data.interleaved_targets``):
+            ``random`` (each with probability ``t2i_ratio``, a hash of seed, key and image
+            index), ``last`` (the last image kept after the cut; earlier ones condition it),
+            ``all`` or ``none`` (understanding only).
+    """
+    if targets not in INTERLEAVED_TARGETS:
+        raise ValueError(f"interleaved targets '{targets}' not in {INTERLEAVED_TARGETS}")
     tok = tokenizer
     room = seq_len - 2                       # BOS and EOS
     parts: list = []
@@ -159,7 +175,8 @@ def build_interleaved_document(sample: InterleavedSample, seed: int, t2i_ratio: 
                 room -= len(ids)
             texts.append(seg)
         else:
-            is_target = unit_hash("interleaved", seed, sample.key, image_index) < t2i_ratio
+            is_target = targets == "all" or (
+                targets == "random" and unit_hash("interleaved", seed, sample.key, image_index) < t2i_ratio)
             image_index += 1
             vis = _image_visual(seg, codec, is_target, tok)
             need = len(vis.visual) + 2
@@ -170,6 +187,9 @@ def build_interleaved_document(sample: InterleavedSample, seed: int, t2i_ratio: 
                 room -= need
         if truncated:
             break
+    images = [p for p in parts if isinstance(p, _Framed)]
+    if targets == "last" and images:   # objective=None: re-derived for a target span
+        images[-1].visual = dataclasses.replace(images[-1].visual, is_target=True, objective=None)
     doc = assemble(parts, tok, dict(key=sample.key, shard=sample.shard,
                                     caption=" ".join(texts)[:200], task=INTERLEAVED,
                                     caption_dropped=False, source=source, type="interleaved"))
