@@ -148,6 +148,17 @@ def build_fixed_batch_trainer(job, dist, batch):
     return FixedBatchTrainer(job, dist)
 
 
+def queued_step(trainer) -> tuple[float, dict, list[dict]]:
+    """One step as the training loop takes it: next_batches, the step queued (launch_step), the
+    host reading the queued results every ``trainer.sync_every`` steps. Returns next_batches'
+    wait and work, and the results read now (empty between reads)."""
+    step_input, wait, work = trainer.next_batches()
+    trainer.pending.append(trainer.launch_step(step_input))
+    trainer.state.step += 1
+    read = trainer.read_pending() if trainer.state.step % trainer.sync_every == 0 else []
+    return wait, work, read
+
+
 def time_mmgen(trainer, steps: int, warmup: int) -> dict:
     """Time of the trainer's own step (next_batches + launch_step, the host reading the results
     every ``trainer.sync_every`` steps as the training loop does) over the steps after
@@ -163,13 +174,11 @@ def time_mmgen(trainer, steps: int, warmup: int) -> dict:
         read, host = [], []
         sync()
         t0 = time.perf_counter()
-        for i in range(n):
-            step_input, wait, work = trainer.next_batches()
-            trainer.pending.append(trainer.launch_step(step_input))
-            trainer.state.step += 1
+        for _ in range(n):
+            wait, work, now = queued_step(trainer)
             host.append((wait, work))
-            if trainer.state.step % trainer.sync_every == 0 or i == n - 1:
-                read += trainer.read_pending()
+            read += now
+        read += trainer.read_pending()
         sync()
         return read, host, time.perf_counter() - t0
 

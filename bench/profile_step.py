@@ -90,15 +90,11 @@ def build_trainer(a: argparse.Namespace, run_dir: str):
 
 
 def one_step(trainer, host: list | None = None) -> None:
-    """One step as the training loop takes it: queued, read every ``trainer.sync_every`` steps."""
-    t0 = time.perf_counter()
-    step_input, _, _ = trainer.next_batches()
+    """One step as the training loop takes it (gpu_throughput.queued_step); ``host`` collects
+    next_batches' host seconds."""
+    wait, _, _ = gt.queued_step(trainer)
     if host is not None:
-        host.append(time.perf_counter() - t0)
-    trainer.pending.append(trainer.launch_step(step_input))
-    trainer.state.step += 1
-    if trainer.state.step % trainer.sync_every == 0:
-        trainer.read_pending()
+        host.append(wait)
 
 
 def profile(trainer, dist, n: int) -> dict:

@@ -160,6 +160,9 @@ class RowIndex:
     rows: dict[str, torch.Tensor]
     sources: tuple
 
+    def valid_for(self, batch: "MultimodalBatch") -> bool:
+        return all(a is b for a, b in zip(self.sources, batch._row_sources(), strict=True))
+
 
 @dataclass
 class MultimodalBatch:
@@ -212,6 +215,10 @@ class MultimodalBatch:
                               dtype=torch.long, device=self.document_ids.device)
         return torch.where(self.document_ids >= 0, lookup[self.document_ids.clamp(min=0)], none)
 
+    def text_target_mask(self) -> torch.Tensor:
+        """[B, L] bool: positions with a next-token target (where the "lm" head runs)."""
+        return self.targets != IGNORE_INDEX
+
     def continuous_mask(self) -> torch.Tensor:
         """[B, L] bool: positions whose payload is a row of ``patches`` (row-major order)."""
         return self.span_values("kind", -1) == CONTINUOUS
@@ -228,7 +235,7 @@ class MultimodalBatch:
         computed them on the host, no device synchronisation is needed to know ``n`` (a boolean
         mask on a GPU stops the host until the GPU has caught up)."""
         index = self.row_index
-        if index is not None and index.sources == self._row_sources() and name in index.rows:
+        if index is not None and index.valid_for(self) and name in index.rows:
             return index.rows[name]
         return ROW_SETS[name](self).flatten().nonzero().squeeze(1)
 
@@ -241,12 +248,12 @@ class MultimodalBatch:
         return dataclasses.replace(self, row_index=RowIndex(rows, self._row_sources()))
 
     def _row_sources(self) -> tuple:
-        # identity of the tensors the row sets are computed from (compared with `is`)
-        return _IdentityKey((self.targets, self.span_ids, self.spans.kind))
+        # the tensors the row sets are computed from (RowIndex.valid_for compares them with `is`)
+        return self.targets, self.span_ids, self.spans.kind
 
     def _moved_index(self, moved: "MultimodalBatch", fn) -> RowIndex | None:
         index = self.row_index
-        if index is None or index.sources != self._row_sources():
+        if index is None or not index.valid_for(self):
             return None
         return RowIndex({k: fn(v) for k, v in index.rows.items()}, moved._row_sources())
 
@@ -278,21 +285,8 @@ class MultimodalBatch:
         return int((self.document_ids >= 0).sum())
 
 
-class _IdentityKey(tuple):
-    """A tuple of tensors compared element-wise by identity (``is``), never by value."""
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _IdentityKey) and len(self) == len(other) and all(
-            a is b for a, b in zip(self, other))
-
-    def __ne__(self, other) -> bool:
-        return not self == other
-
-    __hash__ = None
-
-
 # the row sets MultimodalBatch.rows knows: name -> the [B, L] bool mask they index
 ROW_SETS = {
-    "text": lambda b: b.targets != IGNORE_INDEX,
+    "text": lambda b: b.text_target_mask(),
     "continuous": lambda b: b.continuous_mask(),
 }

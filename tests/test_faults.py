@@ -102,22 +102,26 @@ def test_sigkill_of_one_rank_then_restart_gives_the_same_final_weights(shapes_di
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed at step {kill_at}"
 
 
-def test_nonfinite_losses_are_skipped_then_abort(shapes_dir, tmp_path):
-    from mmgen.trainer.trainer import NonFiniteLossError
-
-    t = make_trainer(shapes_dir, tmp_path, ["trainer.steps=20", "trainer.max_nonfinite_steps=2",
-                                            "checkpoint.enabled=false"])
+def poison_steps(t, steps: set[int]) -> None:
+    """Make trainer ``t``'s losses NaN at the optimizer steps in ``steps`` (1-based)."""
     real = t.objective
-    poison = {3, 6, 7, 8}  # one isolated bad step, then three in a row (limit 2)
 
     def objective(model, batch, denominators, generator):
         out = real(model, batch, denominators, generator)
-        if t.state.step + 1 in poison:
+        if t.state.step + 1 in steps:
             out = {k: v * float("nan") for k, v in out.items()}
         return out
 
     t.objective = objective
     t.objective.local_counts = real.local_counts
+
+
+def test_nonfinite_losses_are_skipped_then_abort(shapes_dir, tmp_path):
+    from mmgen.trainer.trainer import NonFiniteLossError
+
+    t = make_trainer(shapes_dir, tmp_path, ["trainer.steps=20", "trainer.max_nonfinite_steps=2",
+                                            "checkpoint.enabled=false"])
+    poison_steps(t, {3, 6, 7, 8})  # one isolated bad step, then three in a row (limit 2)
     before = {}
     t.metrics.log = lambda step, values: before.update({step: {k: p.clone() for k, p in t.engine.module.named_parameters()}})
     t.job.trainer.log_every = 1

@@ -11,7 +11,7 @@ from mmgen.metrics.report import draw_report
 from mmgen.models import FLAVORS, build_model
 from tests.conftest import BIN
 from tests.test_model import make_batch
-from tests.test_trainer import losses, make_trainer
+from tests.test_trainer import losses, make_trainer, stopped_and_resumed
 
 MOE = ["model=moe_debug", "trainer.steps=6", "checkpoint.every=100", "metrics.router_heatmap_every=3",
        "trainer.log_every=3"]
@@ -20,10 +20,7 @@ MOE = ["model=moe_debug", "trainer.steps=6", "checkpoint.every=100", "metrics.ro
 def test_moe_debug_trains_resumes_bitwise_logs_router_metrics_and_exports(shapes_dir, tmp_path):
     straight = make_trainer(shapes_dir, tmp_path / "a", [*MOE, "metrics=wandb"])
     straight.train()
-    first = make_trainer(shapes_dir, tmp_path / "b", MOE)
-    first.train(stop_at=3)
-    resumed = make_trainer(shapes_dir, tmp_path / "b", MOE)
-    assert resumed.state.step == 3
+    resumed = stopped_and_resumed(shapes_dir, tmp_path / "b", MOE, 3)
     # the aux-free bias is part of the checkpoint
     bias = [b for n, b in resumed.engine.module.named_buffers() if n.endswith("expert_bias")]
     assert bias and any(float(b.abs().sum()) > 0 for b in bias)
@@ -98,10 +95,7 @@ def test_motmoe_debug_trains_resumes_bitwise_and_exports(shapes_dir, tmp_path):
         assert key in last, sorted(k for k in last if k.startswith("router/"))
 
     # stopped at step 2 (a checkpoint) and resumed: the uninterrupted run's losses and weights
-    first = make_trainer(shapes_dir, tmp_path / "r", args)
-    first.train(stop_at=2)
-    resumed = make_trainer(shapes_dir, tmp_path / "r", args)
-    assert resumed.state.step == 2
+    resumed = stopped_and_resumed(shapes_dir, tmp_path / "r", args, 2)
     resumed.train()
     a, b = losses(tmp_path / "m"), losses(tmp_path / "r")
     assert sorted(a) == sorted(b) == [2, 4] and a == b, "losses after resume differ from the uninterrupted run"

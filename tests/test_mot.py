@@ -199,15 +199,12 @@ def test_dense_checkpoint_starts_mot_and_frozen_text_tower_stays(shapes_dir, tmp
 
 def test_mot_flavor_trains_resumes_bitwise_and_exports(shapes_dir, tmp_path):
     from mmgen.checkpoint.export import export_safetensors, load_model_weights
-    from tests.test_trainer import losses, make_trainer
+    from tests.test_trainer import losses, make_trainer, stopped_and_resumed
 
     extra = ["model=mot_debug", "trainer.steps=4", "checkpoint.every=100"]
     straight = make_trainer(shapes_dir, tmp_path / "a", extra)
     straight.train()
-    first = make_trainer(shapes_dir, tmp_path / "b", extra)
-    first.train(stop_at=2)
-    resumed = make_trainer(shapes_dir, tmp_path / "b", extra)
-    assert resumed.state.step == 2
+    resumed = stopped_and_resumed(shapes_dir, tmp_path / "b", extra, 2)
     resumed.train()
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(a) == list(range(1, 5)) and a == b

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_faults import poison_steps
 from tests.test_trainer import losses, make_trainer
 
 STEPS = ["trainer.steps=8", "trainer.log_every=4", "checkpoint.enabled=false"]
@@ -47,17 +48,7 @@ def test_deferred_nonfinite_steps_are_skipped_on_the_device_and_counted_at_the_r
     from mmgen.trainer.trainer import NonFiniteLossError
 
     t = make_trainer(shapes_dir, tmp_path, [*STEPS, "trainer.sync_every=4", "trainer.max_nonfinite_steps=2"])
-    real = t.objective
-    poison = {3, 6, 7, 8}   # one isolated bad step (read at 4), then three in a row (read at 8)
-
-    def objective(model, batch, denominators, generator):
-        out = real(model, batch, denominators, generator)
-        if t.state.step + 1 in poison:
-            out = {k: v * float("nan") for k, v in out.items()}
-        return out
-
-    t.objective = objective
-    t.objective.local_counts = real.local_counts
+    poison_steps(t, {3, 6, 7, 8})   # one isolated bad step (read at 4), then three in a row (read at 8)
     seen = {}
     t.metrics.log = lambda step, values: seen.update({step: (values, adam_steps(t))})
     with pytest.raises(NonFiniteLossError, match="aborting at step 8: 3 consecutive"):

@@ -34,15 +34,21 @@ def make_trainer(shapes_dir, run_dir, extra=()):
     return Trainer(job, DistInfo())
 
 
+def stopped_and_resumed(shapes_dir, run_dir, extra, stop_at: int):
+    """A run interrupted after step ``stop_at`` (its checkpoint written), and the trainer that
+    resumes it (at ``stop_at``, not yet trained further)."""
+    make_trainer(shapes_dir, run_dir, extra).train(stop_at=stop_at)
+    resumed = make_trainer(shapes_dir, run_dir, extra)
+    assert resumed.state.step == stop_at
+    return resumed
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_is_bitwise_equal_to_uninterrupted(shapes_dir, tmp_path, workers):
     extra = ["trainer.steps=8", "checkpoint.every=100", f"data.num_workers={workers}"]
     straight = make_trainer(shapes_dir, tmp_path / "a", extra)
     straight.train()
-    first = make_trainer(shapes_dir, tmp_path / "b", extra)
-    first.train(stop_at=3)  # interrupted after step 3 (writes its checkpoint)
-    resumed = make_trainer(shapes_dir, tmp_path / "b", extra)
-    assert resumed.state.step == 3
+    resumed = stopped_and_resumed(shapes_dir, tmp_path / "b", extra, 3)
     resumed.train()
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == list(range(1, 9))

@@ -24,6 +24,8 @@ DOC_FRAME_TOKENS = 4
 
 PAIR, INTERLEAVED, VIDEO = "pair", "interleaved", "video"
 SAMPLE_TYPES = (PAIR, INTERLEAVED, VIDEO)
+# which images of an interleaved document are generated (data.interleaved_targets; pack.py)
+INTERLEAVED_TARGETS = ("random", "last", "all", "none")
 CLIP_STARTS = ("random", "start", "center")
 ENCODE_ON = ("workers", "device")
 RANGE_MODES = ("partial", "always", "never")
@@ -226,8 +228,8 @@ class DataConfig:
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         need(self.prefetch_factor >= 1, f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
         need(0.0 <= self.t2i_ratio <= 1.0, f"t2i_ratio must be in [0, 1], got {self.t2i_ratio}")
-        need(self.interleaved_targets in ("random", "last", "all", "none"),
-             f"interleaved_targets='{self.interleaved_targets}' must be random, last, all or none")
+        need(self.interleaved_targets in INTERLEAVED_TARGETS,
+             f"interleaved_targets='{self.interleaved_targets}' must be one of {', '.join(INTERLEAVED_TARGETS)}")
         need(0.0 <= self.caption_dropout <= 1.0,
              f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         need(self.max_images_per_doc >= 1,

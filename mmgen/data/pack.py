@@ -38,6 +38,7 @@ import torch
 
 from mmgen import documents
 from mmgen.batch import CONTINUOUS, DISCRETE, FULL, IGNORE_INDEX, IMAGE, VIDEO, MultimodalBatch
+from mmgen.data.config import INTERLEAVED_TARGETS
 from mmgen.data.decode import InterleavedSample, Sample, VideoSample
 from mmgen.data.latents import CachedLatent
 from mmgen.data.sources import unit_hash
@@ -138,9 +139,6 @@ def build_video_document(sample: VideoSample, task: str, caption_dropped: bool, 
                                      task=T2V if generate else V2T,
                                      caption_dropped=caption_dropped, source=source,
                                      type="video", clip=clip))
-
-
-INTERLEAVED_TARGETS = ("random", "last", "all", "none")
 
 
 def build_interleaved_document(sample: InterleavedSample, seed: int, t2i_ratio: float, tokenizer,

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmgen.batch import IGNORE_INDEX, MultimodalBatch
+from mmgen.batch import MultimodalBatch
 from mmgen.models.config import ModelConfig
 from mmgen.models.layers import _trunc_normal
 
@@ -45,7 +45,7 @@ class Head:
 
 def text_target_positions(batch: MultimodalBatch) -> torch.Tensor:
     """``[B, L]`` bool: positions with a next-token target (most packed positions have none)."""
-    return batch.targets != IGNORE_INDEX
+    return batch.text_target_mask()
 
 
 # ---------------------------------------------------------------- "lm": logits over the vocabulary

@@ -203,8 +203,9 @@ class Experts(nn.Module):
         if impl == "loop":
             return self._loop(x, counts)
         dtype = _grouped_mm_dtype(x)
-        if dtype is not None and _grouped_mm_ok(x.to(dtype), self.w1, self.w2):
-            return self._grouped_mm(x.to(dtype), counts)
+        rows = x if dtype is None else x.to(dtype)
+        if dtype is not None and _grouped_mm_ok(rows, self.w1, self.w2):
+            return self._grouped_mm(rows, counts)
         return self._padded_bmm(x, counts)
 
     def _loop(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -5,14 +5,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmgen.batch import IGNORE_INDEX, MultimodalBatch
+from mmgen.batch import MultimodalBatch
 from mmgen.objectives.base import (aux_losses, normalise, per_source_counts, per_source_losses,
                                    position_count)
 
 
 def text_positions(batch: MultimodalBatch) -> torch.Tensor:
     """``[B, L]`` bool: positions with a next-token target, where the "lm" head runs."""
-    return batch.targets != IGNORE_INDEX
+    return batch.text_target_mask()
 
 
 def text_counts(batch: MultimodalBatch) -> torch.Tensor:
