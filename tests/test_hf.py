@@ -336,3 +336,32 @@ def test_frozen_text_tower_stays_the_hf_weights(hf_dirs, shapes_dir, tmp_path):
         else:
             moved += not torch.equal(p, want)
     assert moved > 0
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen2"))
+def test_captions_decode_with_a_tokenizer_json(hf_dirs, family):
+    """Greedy captions under ``data.tokenizer=hf:``: every non-special text id may be chosen,
+    no special but EOS; the cached and the full-recomputation paths agree (they once failed on
+    the byte tokenizer's ``num_bytes``)."""
+    from mmgen.models.tokenizers import build_tokenizer, special_ids
+    from mmgen.sampling.captions import _allowed_tokens, generate_captions
+    from mmgen.sampling.config import SamplerConfig
+
+    hf = hf_dirs[family][0]
+    tok = build_tokenizer(f"hf:{hf}")
+    allowed = _allowed_tokens(tok, tok.vocab_size + 8, "cpu")
+    specials = special_ids(tok)
+    assert allowed[tok.eos] and allowed.sum() == tok.vocab_size - len(specials) + 1
+    assert not allowed[[i for n, i in specials.items() if n != "eos"]].any()
+    assert not allowed[tok.vocab_size:].any()
+    from mmgen.models import build_model
+
+    job = _job(hf)
+    torch.manual_seed(0)
+    model = build_model(job.model)
+    images = torch.rand(2, 3, job.data.image_size, job.data.image_size) * 2 - 1
+    cached = generate_captions(model, tok, images, job.data.patch_size, SamplerConfig(max_caption_len=6), "cpu")
+    full = generate_captions(model, tok, images, job.data.patch_size,
+                             SamplerConfig(max_caption_len=6, use_cache=False), "cpu")
+    assert len(cached) == 2 and all(isinstance(c, str) for c in cached)
+    assert cached == full

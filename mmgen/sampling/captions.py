@@ -9,21 +9,25 @@ import torch.nn as nn
 from mmgen.batch import DISCRETE, FULL, IGNORE_INDEX
 from mmgen.models.codecs import VisualCodec, as_codec
 from mmgen.models.kv_cache import last_positions
-from mmgen.models.tokenizers.text import ByteTokenizer
+from mmgen.models.tokenizers.base import TextTokenizer, special_ids
 from mmgen.sampling.batching import build_batch, image_to_text_doc
 from mmgen.sampling.config import SamplerConfig
 from mmgen.sampling.mode import inference
 
 
-def _allowed_tokens(tokenizer: ByteTokenizer, vocab: int, device) -> torch.Tensor:
-    # a caption is bytes then EOS; other specials (BOI, PAD...) would corrupt the document
+def _allowed_tokens(tokenizer: TextTokenizer, vocab: int, device) -> torch.Tensor:
+    """``[vocab]`` bool: the ids a caption may hold, the tokenizer's text ids then EOS. Other
+    specials (BOI, PAD...) would corrupt the document, and ids above the tokenizer (visual codes
+    in a shared vocabulary) are not text; so the byte tokenizer allows its 256 bytes and EOS,
+    a ``tokenizer.json`` every id it has that is not one of mmgen's specials."""
     allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
-    allowed[:tokenizer.num_bytes] = True
+    allowed[:min(tokenizer.vocab_size, vocab)] = True
+    allowed[list(special_ids(tokenizer).values())] = False
     allowed[tokenizer.eos] = True
     return allowed
 
 
-def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.Tensor,
+def generate_captions(model: nn.Module, tokenizer: TextTokenizer, images: torch.Tensor,
                       codec: VisualCodec | int, cfg: SamplerConfig, device: torch.device | str,
                       attention: int = FULL) -> list[str]:
     """Greedy captions for ``images`` (``[n, C, H, W]`` in [-1, 1]), each encoded by ``codec``
@@ -80,7 +84,7 @@ def generate_captions(model: nn.Module, tokenizer: ByteTokenizer, images: torch.
     return [tokenizer.decode(ids) for ids in generated]
 
 
-def _prompt(tokenizer: ByteTokenizer, codec: VisualCodec, image: torch.Tensor, attention: int) -> list:
+def _prompt(tokenizer: TextTokenizer, codec: VisualCodec, image: torch.Tensor, attention: int) -> list:
     rows, grid = codec.encode(image.float().cpu())
     if codec.kind == DISCRETE:
         return image_to_text_doc(tokenizer, rows.long() + tokenizer.vocab_size, grid, kind=DISCRETE,
@@ -93,13 +97,13 @@ def _eager():
     return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
-def _greedy(logits: torch.Tensor, tokenizer: ByteTokenizer) -> list[int]:
+def _greedy(logits: torch.Tensor, tokenizer: TextTokenizer) -> list[int]:
     """Argmax of ``[n, vocab]`` logits over the tokens a caption may contain."""
     allowed = _allowed_tokens(tokenizer, logits.shape[-1], logits.device)
     return logits.float().masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
 
 
-def _next_tokens(model: nn.Module, tokenizer: ByteTokenizer, prefixes: list, generated: list,
+def _next_tokens(model: nn.Module, tokenizer: TextTokenizer, prefixes: list, generated: list,
                  seq_len: int, device) -> list[int]:
     """The full-recompute step: the whole sequence so far, logits at each row's last position."""
     docs = [prefix + ([ids] if ids else []) for prefix, ids in zip(prefixes, generated)]
