@@ -18,6 +18,7 @@ def shipped(group: str) -> list[str]:
 
 # options whose data.codec names a codec run (runs/codec_*_shapes) that a fresh clone lacks
 NEEDS_CODEC = {("objective", "vq_ar"): "vq", ("experiment", "shapes_vqar_cpu"): "vq",
+               ("objective", "masked_vq"): "vq", ("experiment", "shapes_maskgit_cpu"): "vq",
                ("experiment", "shapes_latent_cpu"): "vae", ("experiment", "shapes_vqar_gpu"): "vq",
                ("experiment", "shapes_latent_gpu"): "vae"}
 
@@ -33,7 +34,7 @@ def codec_overrides(kind: str, tmp_path) -> list[str]:
     module = (ConvVQ if kind == "vq" else ConvVAE)(cfg)
     module.init_weights()
     path = save_codec(module, tmp_path / f"{kind}.safetensors")
-    vocab = ["model.vocab_size=280"] if kind == "vq" else []
+    vocab = ["model.vocab_size=281"] if kind == "vq" else []   # 264 text ids + 16 codes + a mask token
     return [f"data.codec={kind}:{path}", "data.patch_size=1", *vocab]
 
 

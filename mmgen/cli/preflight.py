@@ -45,6 +45,18 @@ def register_resolvers() -> None:
 
         # model.family = what the objective trains (objective=vae / vq: mmgen's own codecs)
         OmegaConf.register_new_resolver("objective_family", objective_family)
+    if not OmegaConf.has_resolver("codes_end"):
+        # objective.mask_id of masked_vq: the first id above the codec's codes
+        OmegaConf.register_new_resolver("codes_end", _codes_end)
+
+
+def _codes_end(tokenizer: str, codec: str, patch_size) -> int:
+    from mmgen.models.codecs import build_codec
+    from mmgen.models.tokenizers import build_tokenizer
+
+    # a continuous codec has no codes (0): the start-up check then refuses it for masked_vq
+    codes = int(getattr(build_codec(str(codec), int(patch_size)), "codebook_size", 0) or 0)
+    return build_tokenizer(str(tokenizer)).vocab_size + codes
 
 
 def _payload_dim(codec: str, patch_size) -> int:

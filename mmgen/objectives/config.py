@@ -7,6 +7,7 @@ PREDICTIONS = ("v", "x", "eps")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SCHEDULES = ("cosine", "linear")    # DDPM noise schedules (objective transfusion_ddpm)
 RECON_LOSSES = ("l1", "l2")
+MASK_SCHEDULES = ("cosine", "linear")   # mask-ratio schedules (objective masked_vq)
 
 
 @dataclass
@@ -30,6 +31,13 @@ class ObjectiveConfig:
             MSE of that target.
         num_timesteps: DDPM only: discrete diffusion steps T (timesteps 1..T, uniform).
         recon_loss: reconstruction loss of the codec objectives (vae, vq): "l1" or "l2".
+        mask_schedule: masked discrete diffusion only (``name=masked_vq``): the mask ratio of a
+            target span as a function of ``u ~ U(0, 1)``, "cosine" (MaskGIT / Show-o:
+            ``cos(pi/2 u)``, mostly high ratios) or "linear" (``1 - u``, uniform ratios).
+        mask_id: masked_vq only: the mask token's id in the shared vocabulary, the first id
+            above the codes (text ids + codebook size); configs/objective/masked_vq.yaml
+            resolves it from ``data.tokenizer`` and ``data.codec``, -1 = unset.
+        mask_text: masked_vq only: also mask text (MMaDA); not implemented, refused when true.
     """
 
     name: str = "transfusion"
@@ -42,6 +50,9 @@ class ObjectiveConfig:
     schedule: str = "cosine"
     num_timesteps: int = 1000
     recon_loss: str = "l1"
+    mask_schedule: str = "cosine"
+    mask_id: int = -1
+    mask_text: bool = False
 
     def validate(self) -> "ObjectiveConfig":
         if self.prediction not in PREDICTIONS:
@@ -59,4 +70,10 @@ class ObjectiveConfig:
             raise ValueError(f"objective.recon_loss='{self.recon_loss}' not in {RECON_LOSSES}")
         if not 0 < self.t_eps < 1:
             raise ValueError(f"objective.t_eps must be in (0, 1), got {self.t_eps}")
+        if self.mask_schedule not in MASK_SCHEDULES:
+            raise ValueError(f"objective.mask_schedule='{self.mask_schedule}' not in {MASK_SCHEDULES}")
+        if self.mask_text:
+            raise ValueError("objective.mask_text=true (MMaDA-style masked text) is not implemented: "
+                             "objective=masked_vq masks image codes only and keeps next-token text; "
+                             "leave objective.mask_text=false")
         return self

@@ -72,7 +72,14 @@ def choose_codes(logits: torch.Tensor, n: int, codes: slice, cfg: SamplerConfig,
     if cfg.temperature == 0:
         return z.argmax(-1).cpu()
     probs = filter_logits(z, cfg.temperature, cfg.top_k, cfg.top_p).cpu()
-    u = torch.rand(n, 1, generator=generator, dtype=probs.dtype)
+    return inverse_cdf(probs, generator)
+
+
+def inverse_cdf(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``[m]`` indices drawn from the rows of ``probs`` (``[m, K]``, host): one uniform per row
+    from ``generator``, turned into an index by the inverse CDF, so equal probabilities give
+    equal draws on any device."""
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=probs.dtype)
     cdf = probs.cumsum(-1)
     return (cdf < u * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 

@@ -9,7 +9,8 @@ class SamplerConfig:
     """Knobs of the registered samplers (``SAMPLERS``: flow_t2i, ddpm_t2i, text), passed in ``SampleContext.cfg``.
 
     Args:
-        steps: Euler steps of the flow ODE from t = 1 (noise) to t = 0 (data).
+        steps: Euler steps of the flow ODE from t = 1 (noise) to t = 0 (data); for maskgit_t2i
+            the parallel decoding iterations (each fixes some of the span's codes).
         guidance: classifier-free guidance scale; 1.0 disables the unconditional branch.
         time_shift: SD3-style shift of the time grid, ``t' = s t / (1 + (s - 1) t)``; s > 1
             spends more steps at high noise, which larger images need.
@@ -27,7 +28,10 @@ class SamplerConfig:
             0 = greedy (argmax).
         top_k: ar_t2i: sample among the k most likely codes (0 = all).
         top_p: ar_t2i: nucleus sampling, the smallest set of codes whose probability reaches
-            top_p (1.0 = all).
+            top_p (1.0 = all). temperature, top_k and top_p apply to maskgit_t2i's draws too.
+        mask_temperature: maskgit_t2i: scale of the Gumbel noise added to the log-confidence
+            that picks which codes to keep, annealed linearly to 0 over the steps (MaskGIT's
+            ``choice_temperature``, 4.5 there); 0 keeps the most probable codes.
     """
 
     steps: int = 20
@@ -44,6 +48,7 @@ class SamplerConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    mask_temperature: float = 4.5
 
     def validate(self) -> "SamplerConfig":
         if self.steps <= 0 or self.max_caption_len <= 0:
@@ -55,6 +60,8 @@ class SamplerConfig:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.temperature ({self.temperature}) and top_k ({self.top_k}) must be "
                              f">= 0 and top_p ({self.top_p}) in (0, 1]")
+        if self.mask_temperature < 0:
+            raise ValueError(f"sampling.mask_temperature must be >= 0, got {self.mask_temperature}")
         if self.ddim_eta < 0:
             raise ValueError(f"sampling.ddim_eta must be >= 0, got {self.ddim_eta}")
         return self

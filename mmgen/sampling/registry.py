@@ -124,6 +124,22 @@ class ARTextToImage:
                                       ctx.image_size, ctx.cfg, dev)
 
 
+class MaskGITTextToImage:
+    """Masked discrete diffusion: MaskGIT parallel decoding of the whole span in ``sampler.steps``
+    iterations (cosine unmasking schedule, confidence + annealed Gumbel noise, CFG over logits),
+    decoded through the codec (:func:`mmgen.sampling.maskgit.generate_images_maskgit`)."""
+
+    task, reads = TEXT_TO_IMAGE, CAPTION
+
+    def __call__(self, model: nn.Module, prompts: Sequence[str], ctx: SampleContext) -> torch.Tensor:
+        from mmgen.sampling.maskgit import generate_images_maskgit
+
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_images_maskgit(model, ctx.tokenizer, list(prompts), ctx.codec,
+                                           ctx.image_size, ctx.cfg, dev)
+
+
 class ARCaptions:
     """Greedy captions of a model trained causal over whole documents (``objective=vq_ar``):
     :func:`generate_captions` with the image prompt's span CAUSAL, as in training."""
@@ -160,6 +176,7 @@ SAMPLERS: dict[str, Sampler] = {
     "reconstruct": Reconstruct(),
     "ar_t2i": ARTextToImage(),
     "ar_text": ARCaptions(),
+    "maskgit_t2i": MaskGITTextToImage(),
 }
 
 

@@ -121,10 +121,17 @@ class JobConfig:
                               f"data.codec={d.codec}")
         if codec.kind == DISCRETE:
             need = tokenizer.vocab_size + int(getattr(codec, "codebook_size", 0))
-            if m.vocab_size < need:
+            # masked discrete diffusion: a mask token, the first id above the codes
+            mask = bool(getattr(OBJECTIVES.get(self.objective.name), "mask_token", False))
+            if mask and self.objective.mask_id != need:
+                raise ConfigError(f"objective.mask_id={self.objective.mask_id} must be the first id above the "
+                                  f"{d.codec} codec's codes: {need} ({tokenizer.vocab_size} text ids + "
+                                  f"{need - tokenizer.vocab_size} codes)")
+            if m.vocab_size < need + mask:
+                token = f" and objective={self.objective.name}'s mask token" if mask else ""
                 raise ConfigError(f"model.vocab_size={m.vocab_size} cannot hold the {d.codec} codec's "
                                   f"{getattr(codec, 'codebook_size', 0)} codes above the {tokenizer.vocab_size} "
-                                  f"text ids (needs >= {need})")
+                                  f"text ids{token} (needs >= {need + mask})")
 
     def _validate_family(self) -> None:
         """A codec family (model.family vae / vq) trains with its own objective, on pixels, under
