@@ -4,6 +4,7 @@ from __future__ import annotations
 from mmgen.objectives.base import Objective, aux_losses, normalise, weighted_total
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.ddpm import TransfusionDDPMObjective
+from mmgen.objectives.mar import MARObjective
 from mmgen.objectives.next_token import NextTokenObjective
 from mmgen.objectives.reconstruction import VAEObjective, VQObjective
 from mmgen.objectives.transfusion import TransfusionObjective
@@ -16,6 +17,7 @@ OBJECTIVES = {
     "vae": VAEObjective,   # train mmgen's codecs (model.family vae / vq)
     "vq": VQObjective,
     "vq_ar": VQAutoregressiveObjective,   # discrete-token AR on VQ codes (data.codec=vq:/diffusers:)
+    "mar": MARObjective,   # per-token MLP diffusion head on masked tokens (MAR / Harmon)
 }
 
 

@@ -30,6 +30,11 @@ class ObjectiveConfig:
             MSE of that target.
         num_timesteps: DDPM only: discrete diffusion steps T (timesteps 1..T, uniform).
         recon_loss: reconstruction loss of the codec objectives (vae, vq): "l1" or "l2".
+        mar_draws: MAR only (``name=mar``): noise draws per masked position per step for the
+            per-token denoiser (the trunk runs once, the head K times; MAR uses 4).
+        mar_mask_min: MAR only: each target span masks a share ``r`` of its positions drawn
+            from MAR's truncated normal (mean 1.0, std 0.25) on ``[mar_mask_min, 1]`` (MAR:
+            0.7), at least one position.
     """
 
     name: str = "transfusion"
@@ -42,6 +47,8 @@ class ObjectiveConfig:
     schedule: str = "cosine"
     num_timesteps: int = 1000
     recon_loss: str = "l1"
+    mar_draws: int = 4
+    mar_mask_min: float = 0.7
 
     def validate(self) -> "ObjectiveConfig":
         if self.prediction not in PREDICTIONS:
@@ -57,6 +64,10 @@ class ObjectiveConfig:
             raise ValueError(f"objective.num_timesteps must be >= 2, got {self.num_timesteps}")
         if self.recon_loss not in RECON_LOSSES:
             raise ValueError(f"objective.recon_loss='{self.recon_loss}' not in {RECON_LOSSES}")
+        if self.mar_draws < 1:
+            raise ValueError(f"objective.mar_draws must be >= 1, got {self.mar_draws}")
+        if not 0 <= self.mar_mask_min <= 1:
+            raise ValueError(f"objective.mar_mask_min must be in [0, 1], got {self.mar_mask_min}")
         if not 0 < self.t_eps < 1:
             raise ValueError(f"objective.t_eps must be in (0, 1), got {self.t_eps}")
         return self
