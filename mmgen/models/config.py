@@ -77,6 +77,9 @@ class ModelConfig:
         family: "transformer" (everything above), or "vae" / "vq": the model is then a
             convolutional codec shaped by ``autoencoder`` and the transformer fields are unused.
         autoencoder: the codec's shape (``family`` vae or vq only).
+        mar_width, mar_depth: the "mar" head (MAR's per-token MLP denoiser,
+            ``mmgen/models/heads.py``): hidden width and number of residual AdaLN blocks. Read
+            only when ``heads`` has "mar".
     """
 
     name: str = "debug"
@@ -124,6 +127,9 @@ class ModelConfig:
     moe_bias_update_rate: float = 0.0
     moe_experts_impl: str = "grouped"
     family: str = "transformer"
+    # the per-token diffusion head (heads=[..., mar]; MAR-B uses width 1024, depth 6)
+    mar_width: int = 128
+    mar_depth: int = 3
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     @property
@@ -148,6 +154,13 @@ class ModelConfig:
             # a discrete codec (payload_dim 0) has no continuous rows for a flow head to predict
             raise ValueError("model.patch_dim=0 (a discrete codec) leaves the 'flow' head nothing to "
                              "predict: train it with an objective over codes (objective=vq_ar)")
+        if "mar" in self.heads:
+            if self.patch_dim == 0:
+                raise ValueError("model.patch_dim=0 (a discrete codec) leaves the 'mar' head nothing to "
+                                 "denoise: it needs continuous visual rows (data.codec=pixels or vae:...)")
+            if self.mar_width <= 0 or self.mar_depth <= 0:
+                raise ValueError(f"model.mar_width ({self.mar_width}) and model.mar_depth ({self.mar_depth}) "
+                                 "must be positive")
         if self.attention_head_dim < 0:
             raise ValueError(f"model.attention_head_dim must be >= 0, got {self.attention_head_dim}")
         if not self.attention_head_dim and self.dim % self.n_heads:

@@ -9,7 +9,9 @@ A model is a trunk plus registered embedders and heads (DESIGN.md, contract 2):
   per block for activation checkpointing, FSDP or compile, and the final ``self.norm``) maps
   them to hidden states and auxiliary losses;
 * heads (``heads.py``, chosen by ``model.heads``) map hidden states at the positions the
-  objective asks for to outputs: "lm" logits, "flow" patch predictions.
+  objective asks for to outputs: "lm" logits, "flow" patch predictions, "mar" (the trunk's
+  state as the conditioning of a per-token MLP denoiser, and that denoiser's prediction when
+  the objective passes it noised tokens through ``head_inputs``).
 
 Everything a training step needs runs inside :meth:`UnifiedTransformer.forward`, the one call
 that goes through a backend's wrapper (DDP's reducer, FSDP2's and ZeRO-3's parameter
@@ -110,13 +112,17 @@ class UnifiedTransformer(nn.Module):
         return build_mask(batch, backend)
 
     def embed(self, batch: MultimodalBatch, visual_in: torch.Tensor,
-              span_t: torch.Tensor) -> torch.Tensor:
+              span_t: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, L, dim]`` trunk inputs: every embedder in turn (token embeddings; continuous
         visual positions replaced by their projected ``visual_in`` row plus their span's
-        timestep embedding; visual position codes added)."""
+        timestep embedding; ``masked`` rows by the learned mask vector, "mar" models only;
+        visual position codes added)."""
+        if masked is not None and "mar_mask" not in self.embedder_names:
+            raise ValueError("masked visual inputs need the mask embedding, which only a model with "
+                             f"the 'mar' head builds (model.heads={list(self.head_names)})")
         x = None
         for name in self.embedder_names:
-            x = EMBEDDERS[name].embed(self, x, batch, visual_in, span_t)
+            x = EMBEDDERS[name].embed(self, x, batch, visual_in, span_t, masked)
         return x
 
     def trunk(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -134,19 +140,25 @@ class UnifiedTransformer(nn.Module):
             return None
         return TowerRouting.from_ids(tower_ids(batch, self.cfg.tower_split))
 
-    def run_head(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        """Head ``name`` on hidden states ``h`` (``[..., dim]``)."""
+    def run_head(self, name: str, h: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """Head ``name`` on hidden states ``h`` (``[..., dim]``), with the head's own keyword
+        ``inputs`` (``Head.inputs``: the "mar" denoiser's ``x_t`` and ``t``)."""
         if name not in self.head_names:
             raise ValueError(f"the model has no '{name}' head (model.heads="
                              f"{list(self.head_names)}; registered: {list(HEADS)})")
-        return HEADS[name].run(self, h)
+        unknown = sorted(set(inputs) - set(HEADS[name].inputs))
+        if unknown:
+            raise ValueError(f"head '{name}' reads no input(s) {unknown} (its inputs: "
+                             f"{list(HEADS[name].inputs)})")
+        return HEADS[name].run(self, h, **inputs)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin tables at ``positions`` (``[B, L]``), with ``cfg.rope_scaling``."""
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, rope_scaling(self.cfg))
 
     def _inputs(self, batch: MultimodalBatch, visual_in: torch.Tensor | None,
-                span_t: torch.Tensor | None, mask: AttentionMask | None):
+                span_t: torch.Tensor | None, mask: AttentionMask | None,
+                masked: torch.Tensor | None = None):
         """Embedded inputs, RoPE tables and mask of a whole batch (defaults as in forward)."""
         if visual_in is None:
             visual_in = batch.patches
@@ -155,11 +167,13 @@ class UnifiedTransformer(nn.Module):
         if mask is None:
             mask = self.build_mask(batch)
         rope = self.rope(batch.positions)
-        return self.embed(batch, visual_in, span_t), rope, mask
+        return self.embed(batch, visual_in, span_t, masked), rope, mask
 
     def forward(self, batch: MultimodalBatch, visual_in: torch.Tensor | None = None,
                 span_t: torch.Tensor | None = None, mask: AttentionMask | None = None,
-                heads: Mapping[str, torch.Tensor] | None = None) -> dict:
+                heads: Mapping[str, torch.Tensor] | None = None,
+                masked: torch.Tensor | None = None,
+                head_inputs: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict:
         """Embed, run the trunk, then each requested head at its positions.
 
         Args:
@@ -172,18 +186,25 @@ class UnifiedTransformer(nn.Module):
                 ``[B, L]`` bool mask or flat row-major indices (``batch.rows(...)``, which need
                 no device synchronisation). None: every built head at its ``default_positions`` ("lm" where
                 ``batch.targets`` is not IGNORE_INDEX, "flow" at continuous visual positions).
+            masked: ``[N]`` bool over the continuous rows (row-major): inputs the trunk sees as
+                the learned mask embedding instead of ``visual_in`` (MAR; a model with the
+                "mar" head only). None: nothing masked.
+            head_inputs: head name -> its extra keyword inputs (``Head.inputs``), e.g.
+                ``{"mar": {"x_t": ..., "t": ...}}`` for the denoiser's K noise draws per position.
 
         Returns:
             one entry per requested head: its output at its positions (row-major), e.g.
             ``"lm"``: ``[M, vocab]``, ``"flow"``: ``[N, patch_dim]``; and ``"aux"``: the
             trunk's auxiliary losses by name (empty for dense blocks).
         """
-        x, rope, mask = self._inputs(batch, visual_in, span_t, mask)
+        x, rope, mask = self._inputs(batch, visual_in, span_t, mask, masked)
         h, aux = self.trunk(x, rope, mask, routing=self.route(batch))
         if heads is None:
             heads = {name: HEADS[name].default_positions(batch) for name in self.head_names}
+        head_inputs = head_inputs or {}
         # each head only where it is asked for: the vocabulary head at ~12% of positions
-        out = {name: self.run_head(name, select_rows(h, positions)) for name, positions in heads.items()}
+        out = {name: self.run_head(name, select_rows(h, positions), **head_inputs.get(name, {}))
+               for name, positions in heads.items()}
         out["aux"] = aux
         return out
 

@@ -5,6 +5,7 @@ from mmgen.objectives.base import Objective, aux_losses, normalise, weighted_tot
 from mmgen.objectives.config import ObjectiveConfig
 from mmgen.objectives.ddpm import TransfusionDDPMObjective
 from mmgen.objectives.masked_vq import MaskedVQObjective
+from mmgen.objectives.mar import MARObjective
 from mmgen.objectives.next_token import NextTokenObjective
 from mmgen.objectives.reconstruction import VAEObjective, VQObjective
 from mmgen.objectives.transfusion import TransfusionObjective
@@ -18,6 +19,7 @@ OBJECTIVES = {
     "vq": VQObjective,
     "vq_ar": VQAutoregressiveObjective,   # discrete-token AR on VQ codes (data.codec=vq:/diffusers:)
     "masked_vq": MaskedVQObjective,       # masked discrete diffusion on VQ codes (Show-o / MaskGIT)
+    "mar": MARObjective,   # per-token MLP diffusion head on masked tokens (MAR / Harmon)
 }
 
 

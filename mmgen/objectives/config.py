@@ -38,6 +38,11 @@ class ObjectiveConfig:
             above the codes (text ids + codebook size); configs/objective/masked_vq.yaml
             resolves it from ``data.tokenizer`` and ``data.codec``, -1 = unset.
         mask_text: masked_vq only: also mask text (MMaDA); not implemented, refused when true.
+        mar_draws: MAR only (``name=mar``): noise draws per masked position per step for the
+            per-token denoiser (the trunk runs once, the head K times; MAR uses 4).
+        mar_mask_min: MAR only: each target span masks a share ``r`` of its positions drawn
+            from MAR's truncated normal (mean 1.0, std 0.25) on ``[mar_mask_min, 1]`` (MAR:
+            0.7), at least one position.
     """
 
     name: str = "transfusion"
@@ -53,6 +58,8 @@ class ObjectiveConfig:
     mask_schedule: str = "cosine"
     mask_id: int = -1
     mask_text: bool = False
+    mar_draws: int = 4
+    mar_mask_min: float = 0.7
 
     def validate(self) -> "ObjectiveConfig":
         if self.prediction not in PREDICTIONS:
@@ -68,6 +75,10 @@ class ObjectiveConfig:
             raise ValueError(f"objective.num_timesteps must be >= 2, got {self.num_timesteps}")
         if self.recon_loss not in RECON_LOSSES:
             raise ValueError(f"objective.recon_loss='{self.recon_loss}' not in {RECON_LOSSES}")
+        if self.mar_draws < 1:
+            raise ValueError(f"objective.mar_draws must be >= 1, got {self.mar_draws}")
+        if not 0 <= self.mar_mask_min <= 1:
+            raise ValueError(f"objective.mar_mask_min must be in [0, 1], got {self.mar_mask_min}")
         if not 0 < self.t_eps < 1:
             raise ValueError(f"objective.t_eps must be in (0, 1), got {self.t_eps}")
         if self.mask_schedule not in MASK_SCHEDULES:

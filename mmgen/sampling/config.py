@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 @dataclass
 class SamplerConfig:
-    """Knobs of the registered samplers (``SAMPLERS``: flow_t2i, ddpm_t2i, text), passed in ``SampleContext.cfg``.
+    """Knobs of the registered samplers (``SAMPLERS``: flow_t2i, ddpm_t2i, text, ar_t2i, ar_text,
+    mar_t2i), passed in ``SampleContext.cfg``.
 
     Args:
         steps: Euler steps of the flow ODE from t = 1 (noise) to t = 0 (data); for maskgit_t2i
-            the parallel decoding iterations (each fixes some of the span's codes).
+            the parallel decoding iterations (each fixes some of the span's codes); for mar_t2i
+            the iterations of MAR's order (at most one per position), each one trunk forward.
         guidance: classifier-free guidance scale; 1.0 disables the unconditional branch.
         time_shift: SD3-style shift of the time grid, ``t' = s t / (1 + (s - 1) t)``; s > 1
             spends more steps at high noise, which larger images need.
@@ -25,7 +27,9 @@ class SamplerConfig:
             objective's, objective transfusion_ddpm; sampler ddpm_t2i).
         ddim_eta: ddpm_t2i's noise per step: 0 deterministic DDIM, 1 ancestral DDPM.
         temperature: ar_t2i (discrete-token AR): softmax temperature of the guided code logits;
-            0 = greedy (argmax).
+            0 = greedy (argmax). mar_t2i: scale of the per-token ODE's initial noise (1 = as
+            trained).
+        mar_steps: mar_t2i: Euler steps of each token's flow ODE through the "mar" head.
         top_k: ar_t2i: sample among the k most likely codes (0 = all).
         top_p: ar_t2i: nucleus sampling, the smallest set of codes whose probability reaches
             top_p (1.0 = all). temperature, top_k and top_p apply to maskgit_t2i's draws too.
@@ -49,10 +53,11 @@ class SamplerConfig:
     top_k: int = 0
     top_p: float = 1.0
     mask_temperature: float = 4.5
+    mar_steps: int = 20
 
     def validate(self) -> "SamplerConfig":
-        if self.steps <= 0 or self.max_caption_len <= 0:
-            raise ValueError("sampling.steps and sampling.max_caption_len must be positive")
+        if self.steps <= 0 or self.max_caption_len <= 0 or self.mar_steps <= 0:
+            raise ValueError("sampling.steps, sampling.mar_steps and sampling.max_caption_len must be positive")
         if self.time_shift <= 0:
             raise ValueError(f"sampling.time_shift must be positive, got {self.time_shift}")
         if self.prediction not in ("v", "x", "eps"):

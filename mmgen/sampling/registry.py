@@ -140,6 +140,21 @@ class MaskGITTextToImage:
                                            ctx.image_size, ctx.cfg, dev)
 
 
+class MARTextToImage:
+    """MAR: tokens revealed in a random order, a cosine number per iteration, each drawn by the
+    "mar" head's flow ODE with classifier-free guidance (:func:`mmgen.sampling.mar.generate_images_mar`)."""
+
+    task, reads = TEXT_TO_IMAGE, CAPTION
+
+    def __call__(self, model: nn.Module, prompts: Sequence[str], ctx: SampleContext) -> torch.Tensor:
+        from mmgen.sampling.mar import generate_images_mar
+
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_images_mar(model, ctx.tokenizer, list(prompts), ctx.grid_hw, ctx.codec,
+                                       ctx.cfg, dev)
+
+
 class ARCaptions:
     """Greedy captions of a model trained causal over whole documents (``objective=vq_ar``):
     :func:`generate_captions` with the image prompt's span CAUSAL, as in training."""
@@ -177,6 +192,7 @@ SAMPLERS: dict[str, Sampler] = {
     "ar_t2i": ARTextToImage(),
     "ar_text": ARCaptions(),
     "maskgit_t2i": MaskGITTextToImage(),
+    "mar_t2i": MARTextToImage(),
 }
 
 
