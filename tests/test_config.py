@@ -19,7 +19,7 @@ def shipped(group: str) -> list[str]:
 # options whose data.codec names a codec run (runs/codec_*_shapes) that a fresh clone lacks
 NEEDS_CODEC = {("objective", "vq_ar"): "vq", ("experiment", "shapes_vqar_cpu"): "vq",
                ("experiment", "shapes_latent_cpu"): "vae", ("experiment", "shapes_vqar_gpu"): "vq",
-               ("experiment", "shapes_latent_gpu"): "vae"}
+               ("experiment", "shapes_latent_gpu"): "vae", ("experiment", "shapes_video_vqar_cpu"): "vq"}
 
 
 def codec_overrides(kind: str, tmp_path) -> list[str]:
