@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN ?= shapes_cpu
 
-.PHONY: install demo test data clean-demo
+.PHONY: install demo test data data-video clean-demo
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ data/shapes/val: | $(VENV)/.installed
 	$(BIN)/mmgen data make-shapes --out data/shapes
 
 data: data/shapes/val
+
+# the moving-shapes clips (experiment=shapes_video_cpu, data=shapes_mix): 16 frames at 8 fps
+data/shapes_video/val: | $(VENV)/.installed
+	$(BIN)/mmgen data make-shapes-video --out data/shapes_video --train 10000
+
+data-video: data/shapes_video/val
 
 # ~8 minutes of training on 2 CPU cores (1,000 of the benchmark's 1,200 steps; max_minutes
 # keeps the whole demo within 15 minutes on a loaded machine), then scores on 100 held-out

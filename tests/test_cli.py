@@ -67,6 +67,19 @@ def test_eval_shapes_prints_scores_and_grid(trained_run, tmp_path):
     assert "sample grid:" in r.stdout and (tmp_path / "ev" / "grid.png").is_file()
 
 
+def test_eval_shapes_reads_the_shards_given(trained_run, shapes_dir, tmp_path):
+    """--shards replaces the run's held-out shards: its own train split here (a missing one is
+    one error line)."""
+    r = run_cli([str(BIN / "mmgen"), "eval", "shapes", str(trained_run), "--num-samples", "4",
+                 "--shards", str(shapes_dir / "train"), "--out", str(tmp_path / "ev"),
+                 "--set", "sampler.steps=2"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "ev" / "scores.json").read_text())["num_samples"] == 4
+    r = run_cli([str(BIN / "mmgen"), "eval", "shapes", str(trained_run), "--shards", str(tmp_path / "none")],
+                cwd=tmp_path)
+    assert r.returncode == 2 and str(tmp_path / "none") in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 @pytest.mark.parametrize("args", [["export", "/nonexistent", "--out", "x.safetensors"],
                                   ["eval", "shapes", "/nonexistent"],
                                   ["sample", "/nonexistent", "--prompt", "a"]])

@@ -20,7 +20,7 @@ def shipped(group: str) -> list[str]:
 NEEDS_CODEC = {("objective", "vq_ar"): "vq", ("experiment", "shapes_vqar_cpu"): "vq",
                ("objective", "masked_vq"): "vq", ("experiment", "shapes_maskgit_cpu"): "vq",
                ("experiment", "shapes_latent_cpu"): "vae", ("experiment", "shapes_vqar_gpu"): "vq",
-               ("experiment", "shapes_latent_gpu"): "vae"}
+               ("experiment", "shapes_latent_gpu"): "vae", ("experiment", "shapes_video_vqar_cpu"): "vq"}
 
 
 def codec_overrides(kind: str, tmp_path) -> list[str]:

@@ -83,15 +83,46 @@ def _open_image(path: str):
 
 def cmd_eval(a) -> None:
     """Evaluation ``a.eval_command`` of the registry (mmgen.evaluation.EVALUATIONS) on the run's
-    held-out data, with the objective's samplers: what ``trainer.eval_at_end`` runs."""
+    held-out data, with the objective's samplers: what ``trainer.eval_at_end`` runs. ``--video``:
+    the moving-shapes clips instead (:func:`_eval_video`); ``--shards``: held-out shards other
+    than the run's."""
+    from mmgen.evaluation.held_out import HeldOut
     from mmgen.models.tokenizers import build_tokenizer
     from mmgen.trainer.hooks import build_eval_config, build_held_out, build_sample_context, evaluate
 
     job, model, _ = _load_run(a.run, a.set)
-    cfg = build_eval_config(job, num_samples=a.num_samples, task=a.eval_command)
     ctx = build_sample_context(job, build_tokenizer(job.data.tokenizer))
-    out_dir = Path(a.out or Path(a.run) / "eval")
-    evaluate(model, ctx, build_held_out(job), cfg, out_dir)
+    out_dir = Path(a.out or Path(a.run) / ("eval_video" if a.video else "eval"))
+    if a.video:
+        return _eval_video(a, job, model, ctx, out_dir)
+    cfg = build_eval_config(job, num_samples=a.num_samples, task=a.eval_command)
+    held_out = HeldOut((("shards", a.shards),), job.data.image_size) if a.shards else build_held_out(job)
+    evaluate(model, ctx, held_out, cfg, out_dir)
+
+
+def _eval_video(a, job, model, ctx, out_dir: Path) -> None:
+    """``mmgen eval shapes --video``: the objective's ``video_samplers`` draw clips for the
+    captions of held-out clips (the run's video sources' ``val_shards``, or ``--shards``) and
+    caption the clips; scored from pixels (mmgen/evaluation/shapes_video.py)."""
+    from mmgen.evaluation.config import EvalConfig
+    from mmgen.evaluation.held_out import HeldOutClips, held_out_clips_from_data
+    from mmgen.evaluation.shapes_video_eval import evaluate_shapes_video, print_video_report
+    from mmgen.objectives import OBJECTIVES
+    from mmgen.sampling import get_sampler
+
+    names = tuple(getattr(OBJECTIVES[job.objective.name], "video_samplers", ()))
+    for name in names:
+        get_sampler(name)
+    if not names:
+        raise ValueError(f"objective={job.objective.name} has no video samplers: --video needs one "
+                         "that draws or captions clips (e.g. objective=transfusion)")
+    cfg = EvalConfig(task="shapes_video", num_samples=a.num_samples or job.trainer.eval_samples,
+                     samplers=names).validate()
+    data = job.data
+    held_out = (HeldOutClips((("shards", a.shards),), data.frame_size, data.video_frames, data.video_fps)
+                if a.shards else held_out_clips_from_data(data))
+    held_out.check()
+    print_video_report(evaluate_shapes_video(model, ctx, held_out, cfg, out_dir))
 
 
 def cmd_export(a) -> None:
@@ -150,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     es = ev.add_parser("shapes", help="score generated images and captions on held-out shapes")
     es.add_argument("run")
     es.add_argument("--num-samples", type=int, default=200)
-    es.add_argument("--out", default="")
+    es.add_argument("--out", default="", help="default: RUN/eval (RUN/eval_video with --video)")
+    es.add_argument("--video", action="store_true",
+                    help="score text->video and video->text on held-out moving-shapes clips "
+                         "(the run's video sources' val_shards; data.video_frames at data.video_fps)")
+    es.add_argument("--shards", default="",
+                    help="held-out shards to read instead of the run's (clips with --video)")
     es.add_argument("--set", action="append", default=[], help="config override, e.g. sampler.steps=50")
     es.set_defaults(func=cmd_eval)
 

@@ -12,6 +12,7 @@ from mmgen.data.config import DataConfig, SourceConfig
 _LAZY = {
     "build_dataloader": "mmgen.data.factory",
     "iter_eval_samples": "mmgen.data.factory",
+    "iter_eval_clips": "mmgen.data.factory",
     "MultimodalLoader": "mmgen.data.loader",
     "expand_shards": "mmgen.data.sources",
     "collate": "mmgen.data.pack",

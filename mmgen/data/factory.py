@@ -96,7 +96,7 @@ def _cached_or_raw(cfg: DataConfig, name: str, type_: str, pattern: str, shards:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: decoded held-out samples, no packing
+# Evaluation: decoded held-out samples (pairs, clips), no packing
 # ----------------------------------------------------------------------------------------------
 
 def iter_eval_samples(shards: str, image_size: int, limit: int | None = None
@@ -115,5 +115,26 @@ def iter_eval_samples(shards: str, image_size: int, limit: int | None = None
                 continue
             count += 1
             yield out.key, out.image, out.caption, out.info
+        if error is not None:
+            skips.skip(dec.SHARD_ERROR, path, "-", error)
+
+
+def iter_eval_clips(shards: str, size: int, num_frames: int, fps: float, limit: int | None = None
+                    ) -> Iterator[tuple[str, np.ndarray, str, dict]]:
+    """``(key, frames [T, S, S, 3] uint8, caption, json dict)`` of video shards in a fixed order,
+    as :func:`iter_eval_samples`: ``num_frames`` frames at ``fps`` from each clip's start (the
+    decode of the training path, ``video_clip_start=start``)."""
+    count, skips = 0, dec.SkipLog()
+    for path in expand_shards(shards):
+        raw, error = read_shard(path)
+        for r in raw:
+            if limit is not None and count >= limit:
+                return
+            out = dec.decode_video_sample(r, size, num_frames, fps, "start", seed=0)
+            if isinstance(out, tuple):
+                skips.skip(out[0], path, r.get("__key__", "?"), out[1])
+                continue
+            count += 1
+            yield out.key, out.frames, out.caption, out.info
         if error is not None:
             skips.skip(dec.SHARD_ERROR, path, "-", error)

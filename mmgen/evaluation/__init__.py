@@ -1,5 +1,5 @@
 # Evaluations behind one registry (EVALUATIONS), fed sub-configs and held-out data, never the job.
-"""The scorers (``mmgen.evaluation.shapes``: numpy and Pillow only) import without torch; the
+"""The scorers (``mmgen.evaluation.shapes``, ``shapes_video``: numpy and Pillow only) import without torch; the
 registry and the held-out reader are imported on first use, as in ``mmgen.data``."""
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ _LAZY = {
     "HeldOut": "mmgen.evaluation.held_out",
     "HeldOutSample": "mmgen.evaluation.held_out",
     "held_out_from_data": "mmgen.evaluation.held_out",
+    "HeldOutClip": "mmgen.evaluation.held_out",
+    "HeldOutClips": "mmgen.evaluation.held_out",
+    "held_out_clips_from_data": "mmgen.evaluation.held_out",
+    "evaluate_shapes_video": "mmgen.evaluation.shapes_video_eval",
+    "print_video_report": "mmgen.evaluation.shapes_video_eval",
     "EVALUATIONS": "mmgen.evaluation.registry",
     "Evaluation": "mmgen.evaluation.registry",
     "get_evaluation": "mmgen.evaluation.registry",

@@ -124,12 +124,22 @@ def read_image(img) -> dict:
         The attributes; all None without foreground, and shape/size/row/col None when the
         foreground is not one compact dominant object (see the module docstring).
     """
+    return locate_object(img)[0]
+
+
+def locate_object(img) -> tuple[dict, tuple[float, float] | None]:
+    """:func:`read_image`'s attributes and the fitted box centre ``(y, x)`` of the object as
+    fractions of the side (None when no object is read): what the video scorer tracks.
+
+    Args:
+        img: as in :func:`read_image`.
+    """
     px = _as_uint8(img).astype(np.float32)
     side = px.shape[0]
     dist = np.linalg.norm(px - _BG, axis=-1)
     fg = dist > FG_DISTANCE
     if not fg.any():
-        return dict(_NONE)
+        return dict(_NONE), None
     ci = _classify_color(np.median(px[fg & (dist >= 0.5 * dist.max())], axis=0))
     out = dict(_NONE, color=_PALETTE_NAMES[ci])
 
@@ -137,17 +147,17 @@ def read_image(img) -> dict:
     coverage = np.clip((px - _BG) @ direction / float(direction @ direction), 0.0, 1.0)
     mask = coverage > 0.5
     if not mask.any():
-        return out
+        return out, None
     obj = _largest_component(mask)
     if obj.sum() < DOMINANT_FRACTION * mask.sum():
-        return out
+        return out, None
     if (fg & ~_dilate(obj)).sum() > (1.0 - DOMINANT_FRACTION) * obj.sum():
-        return out
+        return out, None
     ys, xs = np.nonzero(obj)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     bh, bw = y1 - y0, x1 - x0
     if max(bh, bw) > MAX_EXTENT * side or max(bh, bw) > MAX_ASPECT * min(bh, bw):
-        return out
+        return out, None
     # Fit each shape's template to the coverage map: its extent follows from the area
     # (circle pi/4 s^2, square s^2, triangle s^2 / 2), its centre from the centroid.
     a = np.where(_dilate(_dilate(obj)), coverage, 0.0)
@@ -163,13 +173,13 @@ def read_image(img) -> dict:
     shape = min(fits, key=lambda k: fits[k][0])
     err, extent, box_cy = fits[shape]
     if err > MAX_FIT_ERROR:
-        return out
+        return out, None
     small, large = SIZE_FRACTION["small"], SIZE_FRACTION["large"]
     out["shape"] = shape
     out["size"] = "large" if extent > (small + large) / 2 * side else "small"
     out["row"] = min(max(int(box_cy * 3 // side), 0), 2)
     out["col"] = min(max(int(cx * 3 // side), 0), 2)
-    return out
+    return out, (box_cy / side, cx / side)
 
 
 _CAPTION_RE = re.compile(

@@ -45,6 +45,8 @@ class Objective(Protocol):
         loss_names: the losses it returns besides the trunk's auxiliary ones.
         heads: the model heads it runs (``mmgen.models.heads.HEADS`` names); a training job
             builds the model with exactly these (``model.heads``).
+        video_samplers (optional): the ``SAMPLERS`` names that draw and read clips
+            (``mmgen eval shapes --video``); an objective without it has none.
     """
 
     loss_names: tuple[str, ...]

@@ -101,6 +101,7 @@ class TransfusionDDPMObjective:
     loss_names = ("text", "visual")
     heads = ("lm", "flow")            # the per-position visual head ("flow") predicts the target
     samplers = ("ddpm_t2i", "text")
+    video_samplers = ("text_v2t",)    # no DDPM text-to-video sampler yet
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg.validate()

@@ -139,6 +139,7 @@ class MARObjective:
     loss_names = ("text", "visual")
     heads = ("lm", "mar")
     samplers = ("mar_t2i", "text")   # mmgen.sampling.SAMPLERS
+    video_samplers = ("text_v2t",)    # captions of clips; no MAR text-to-video sampler yet
     codec_kind = CONTINUOUS          # pixels or VAE latents: the start-up check refuses a VQ codec
     sources: tuple[str, ...] = ()
 

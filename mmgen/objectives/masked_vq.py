@@ -190,6 +190,7 @@ class MaskedVQObjective:
     loss_names = ("text", "visual")
     heads = ("lm",)
     samplers = ("maskgit_t2i", "text")   # MaskGIT decoding; captions read FULL clean spans, as trained
+    video_samplers = ("text_v2t",)       # captions of clips; no MaskGIT text-to-video sampler yet
     codec_kind = DISCRETE                # the start-up check refuses a continuous data.codec
     mask_token = True                    # ... and asks model.vocab_size to hold objective.mask_id
     sources: tuple[str, ...] = ()

@@ -61,6 +61,7 @@ class NextTokenObjective:
     loss_names = ("text",)
     heads = ("lm",)
     samplers = ("text",)   # mmgen.sampling.SAMPLERS: it trains no visual output to sample
+    video_samplers = ("text_v2t",)
     sources: tuple[str, ...] = ()
 
     def __init__(self, cfg=None):

@@ -22,6 +22,7 @@ class TransfusionObjective:
     loss_names = ("text", "visual")
     heads = ("lm", "flow")
     samplers = ("flow_t2i", "text")   # mmgen.sampling.SAMPLERS: what it trains, drawn and scored
+    video_samplers = ("flow_t2v", "text_v2t")   # the same for clips (mmgen eval shapes --video)
     sources: tuple[str, ...] = ()
 
     def __init__(self, cfg: ObjectiveConfig):

@@ -69,6 +69,7 @@ class VQAutoregressiveObjective:
     loss_names = ("text", "visual")
     heads = ("lm",)
     samplers = ("ar_t2i", "ar_text")   # mmgen.sampling.SAMPLERS
+    video_samplers = ("ar_t2v", "ar_v2t")
     codec_kind = DISCRETE                # the start-up check refuses a continuous data.codec
     sources: tuple[str, ...] = ()
 

@@ -1,4 +1,4 @@
-# Text-to-image by discrete-token AR: codes one at a time, CFG over logits, top-k/top-p, KV cache.
+# Text-to-image (and -video) by discrete-token AR: codes one at a time, CFG over logits, top-k/top-p, KV cache.
 """The model was trained by ``objective=vq_ar``: documents ``[BOS] caption [BOI] codes [EOI]
 [EOS]``, causal everywhere, codes at ``tokenizer.vocab_size + code`` in the shared vocabulary.
 Sampling continues the prompt ``[BOS] caption [BOI]`` for the ``t * h * w`` positions of the
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmgen.batch import CAUSAL, DISCRETE, IGNORE_INDEX
+from mmgen.batch import CAUSAL, DISCRETE, IGNORE_INDEX, IMAGE, VIDEO
 from mmgen.documents import grid_coords
 from mmgen.models.codecs import VisualCodec
 from mmgen.models.tokenizers.text import ByteTokenizer
@@ -86,22 +86,25 @@ def inverse_cdf(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 def generate_codes(model: nn.Module, tokenizer: ByteTokenizer, captions: list[str],
                    grid: tuple[int, int, int], codebook_size: int, cfg: SamplerConfig,
-                   device: torch.device | str) -> torch.Tensor:
+                   device: torch.device | str, video: bool = False) -> torch.Tensor:
     """``[n, t*h*w]`` codes (0-based, in ``[0, codebook_size)``), one row per caption.
 
     Args:
         model: a model trained by ``objective=vq_ar`` (vocabulary >= text ids + codes).
         tokenizer: the run's tokenizer; codes sit at ``tokenizer.vocab_size + code``.
         captions: one per image.
-        grid: the span's (t, h, w) (the codec's grid of one image).
+        grid: the span's (t, h, w) (the codec's grid of one image, or of a clip's t frames).
         codebook_size: codes per position.
         cfg: ``sampler.*`` (guidance, temperature, top_k, top_p, seed, use_cache).
         device: the model's device.
+        video: the span is a clip, opened by BOV (``[BOS] caption [BOV]``) as the data
+            pipeline lays clips out; its codes come frame after frame.
     """
     n, offset = len(captions), tokenizer.vocab_size
     guided = cfg.guidance != 1.0
     prompts = captions + [""] * n if guided else captions
-    docs = [[[tokenizer.bos] + tokenizer.encode(p) + [tokenizer.boi]] for p in prompts]
+    open_id = tokenizer.bov if video else tokenizer.boi
+    docs = [[[tokenizer.bos] + tokenizer.encode(p) + [open_id]] for p in prompts]
     coords = grid_coords(*grid)
     length, rows = coords.shape[0], len(prompts)
     codes = slice(offset, offset + codebook_size)
@@ -123,18 +126,20 @@ def generate_codes(model: nn.Module, tokenizer: ByteTokenizer, captions: list[st
                     logits = model.decode_step(step, cache, coords=coords[i].expand(rows, 3).to(device))
         else:
             for i in range(length):
-                logits = _full_step(model, tokenizer, docs, out, i, grid, guided, device)
+                logits = _full_step(model, tokenizer, docs, out, i, grid, guided, device, video)
                 out[:, i] = choose_codes(logits, n, codes, cfg, gen)
     return out
 
 
 def _full_step(model: nn.Module, tokenizer: ByteTokenizer, docs: list, out: torch.Tensor, i: int,
-               grid: tuple[int, int, int], guided: bool, device) -> torch.Tensor:
+               grid: tuple[int, int, int], guided: bool, device, video: bool = False) -> torch.Tensor:
     """The reference step: ``[rows, vocab]`` logits predicting code ``i`` from the whole
     sequence (prompt, codes ``< i``, placeholders the causal span hides)."""
     offset = tokenizer.vocab_size
     span_codes = (out + offset).repeat(2 if guided else 1, 1)
-    full = [doc + [VisualSpan(c, grid, is_target=True, kind=DISCRETE, attention=CAUSAL)]
+    modality = VIDEO if video else IMAGE
+    full = [doc + [VisualSpan(c, grid, is_target=True, kind=DISCRETE, attention=CAUSAL,
+                              modality=modality)]
             for doc, c in zip(docs, span_codes)]
     batch = build_batch(full, tokenizer)
     at = torch.tensor([len(d[0]) - 1 + i for d in docs])
@@ -160,3 +165,18 @@ def generate_images_ar(model: nn.Module, tokenizer: ByteTokenizer, captions: lis
     grid = codec.grid(image_size)
     codes = generate_codes(model, tokenizer, list(captions), grid, int(codec.codebook_size), cfg, device)
     return torch.stack([codec.decode(c, grid)[0] for c in codes]).float().clamp(-1, 1)
+
+
+def generate_videos_ar(model: nn.Module, tokenizer: ByteTokenizer, captions: list[str],
+                       codec: VisualCodec, frame_size: int, frames: int, cfg: SamplerConfig,
+                       device: torch.device | str) -> torch.Tensor:
+    """``[n, T, C, H, W]`` pixels in [-1, 1]: the codes of a ``frames``-frame clip (grid
+    ``codec.grid(frame_size, frames)``, a per-frame codec's codes frame after frame) after
+    ``[BOS] caption [BOV]``, decoded by ``codec``; arguments as in :func:`generate_images_ar`."""
+    if codec.kind != DISCRETE:
+        raise ValueError(f"sampler ar_t2v draws VQ codes: data.codec must be a discrete codec, "
+                         f"got {codec.name}")
+    grid = codec.grid(frame_size, frames)
+    codes = generate_codes(model, tokenizer, list(captions), grid, int(codec.codebook_size), cfg,
+                           device, video=True)
+    return torch.stack([codec.decode(c, grid) for c in codes]).float().clamp(-1, 1)

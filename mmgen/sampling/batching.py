@@ -23,13 +23,15 @@ from mmgen.models.tokenizers import TextTokenizer
 class VisualSpan:
     """A visual span on grid (t, h, w): continuous ``patches`` ``[t*h*w, patch_dim]``, or
     (``kind=DISCRETE``) ``[t*h*w]`` codes already offset into the shared vocabulary;
-    ``attention`` FULL or CAUSAL inside the span (as the span table's column)."""
+    ``attention`` FULL or CAUSAL inside the span (as the span table's column); ``modality``
+    IMAGE or VIDEO, None = IMAGE for one frame (t = 1) and VIDEO for more."""
 
     patches: torch.Tensor
     grid: tuple[int, int, int]
     is_target: bool
     kind: int = CONTINUOUS
     attention: int = FULL
+    modality: int | None = None
 
     def __len__(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
@@ -57,6 +59,31 @@ def image_to_text_doc(tokenizer: TextTokenizer, patches: torch.Tensor,
     doc = [[tokenizer.bos, tokenizer.boi],
            VisualSpan(patches, grid, is_target=False, kind=kind, attention=attention),
            [tokenizer.eoi]]
+    return doc if caption is None else doc + [tokenizer.encode(caption) + [tokenizer.eos]]
+
+
+def text_to_video_doc(tokenizer: TextTokenizer, caption: str, patches: torch.Tensor,
+                      grid: tuple[int, int, int], complete: bool = True, kind: int = CONTINUOUS,
+                      attention: int = FULL) -> Document:
+    """``[BOS] caption [BOV] <target clip> [EOV] [EOS]``, the data pipeline's text->video
+    layout (``mmgen.data.pack.build_video_document``); ``complete=False`` stops after the clip
+    (a sampling prompt), ``kind`` / ``attention`` as in :class:`VisualSpan`."""
+    doc = [[tokenizer.bos] + tokenizer.encode(caption) + [tokenizer.bov],
+           VisualSpan(patches, grid, is_target=True, kind=kind, attention=attention,
+                      modality=VIDEO)]
+    return doc + [[tokenizer.eov, tokenizer.eos]] if complete else doc
+
+
+def video_to_text_doc(tokenizer: TextTokenizer, patches: torch.Tensor,
+                      grid: tuple[int, int, int], caption: str | None = None,
+                      kind: int = CONTINUOUS, attention: int = FULL) -> Document:
+    """``[BOS] [BOV] <condition clip> [EOV] caption [EOS]`` (the pipeline's video->text
+    layout); without a caption, the prompt that captioning continues. Arguments as in
+    :func:`image_to_text_doc`."""
+    doc = [[tokenizer.bos, tokenizer.bov],
+           VisualSpan(patches, grid, is_target=False, kind=kind, attention=attention,
+                      modality=VIDEO),
+           [tokenizer.eov]]
     return doc if caption is None else doc + [tokenizer.encode(caption) + [tokenizer.eos]]
 
 
@@ -93,8 +120,14 @@ def pack_rows(rows: list[list[Document]], tokenizer: TextTokenizer, seq_len: int
 
 
 def _document(doc: Document, tokenizer: TextTokenizer) -> documents.Document:
-    segments = [documents.Visual(seg.patches, seg.grid, IMAGE if seg.grid[0] == 1 else VIDEO,
-                                 seg.is_target, kind=seg.kind, attention=seg.attention)
+    segments = [documents.Visual(seg.patches, seg.grid, _modality(seg), seg.is_target,
+                                 kind=seg.kind, attention=seg.attention)
                 if isinstance(seg, VisualSpan) else seg
                 for seg in doc]
     return documents.build_document(segments, tokenizer.visual)
+
+
+def _modality(span: VisualSpan) -> int:
+    if span.modality is not None:
+        return span.modality
+    return IMAGE if span.grid[0] == 1 else VIDEO

@@ -1,4 +1,4 @@
-# Image-to-text sampling: greedy byte decoding conditioned on a clean image span.
+# Image-to-text and video-to-text sampling: greedy byte decoding conditioned on a clean visual span.
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,7 @@ from mmgen.batch import DISCRETE, FULL, IGNORE_INDEX
 from mmgen.models.codecs import VisualCodec, as_codec
 from mmgen.models.kv_cache import last_positions
 from mmgen.models.tokenizers.base import TextTokenizer, special_ids
-from mmgen.sampling.batching import build_batch, image_to_text_doc
+from mmgen.sampling.batching import build_batch, image_to_text_doc, video_to_text_doc
 from mmgen.sampling.config import SamplerConfig
 from mmgen.sampling.mode import inference
 
@@ -30,13 +30,16 @@ def _allowed_tokens(tokenizer: TextTokenizer, vocab: int, device) -> torch.Tenso
 def generate_captions(model: nn.Module, tokenizer: TextTokenizer, images: torch.Tensor,
                       codec: VisualCodec | int, cfg: SamplerConfig, device: torch.device | str,
                       attention: int = FULL) -> list[str]:
-    """Greedy captions for ``images`` (``[n, C, H, W]`` in [-1, 1]), each encoded by ``codec``
-    into a condition span (an int is the pixel codec's patch size); a discrete codec's codes go
-    above the text vocabulary, as the data pipeline places them. ``attention`` is the span's
-    mode (FULL; CAUSAL for a model trained causal over whole documents, ``objective=vq_ar``).
+    """Greedy captions for ``images`` (``[n, C, H, W]`` in [-1, 1]), or for clips
+    (``[n, T, C, H, W]``), each encoded by ``codec`` into a condition span (an int is the pixel
+    codec's patch size); a discrete codec's codes go above the text vocabulary, as the data
+    pipeline places them. ``attention`` is the span's mode (FULL; CAUSAL for a model trained
+    causal over whole documents, ``objective=vq_ar``).
 
-    Context ``[BOS] [BOI] <clean condition span, t = 0> [EOI]``; the next byte (or EOS) is
-    the argmax of the logits at the last position, over byte tokens and EOS only.
+    Context ``[BOS] [BOI] <clean condition span, t = 0> [EOI]`` (a clip: ``[BOS] [BOV]
+    <clip> [EOV]``, a VIDEO span of the codec's grid of its T frames, as the data pipeline
+    lays clips out); the next byte (or EOS) is the argmax of the logits at the last position,
+    over byte tokens and EOS only.
 
     With ``cfg.use_cache`` (default) the context is run once (``model.prefill``, the full
     hybrid mask, so the image span stays bidirectional) and each step then runs only the new
@@ -84,12 +87,14 @@ def generate_captions(model: nn.Module, tokenizer: TextTokenizer, images: torch.
     return [tokenizer.decode(ids) for ids in generated]
 
 
-def _prompt(tokenizer: TextTokenizer, codec: VisualCodec, image: torch.Tensor, attention: int) -> list:
-    rows, grid = codec.encode(image.float().cpu())
+def _prompt(tokenizer: TextTokenizer, codec: VisualCodec, pixels: torch.Tensor, attention: int) -> list:
+    """The captioning prompt of one image ``[C, H, W]`` or clip ``[T, C, H, W]``."""
+    rows, grid = codec.encode(pixels.float().cpu())
+    doc = video_to_text_doc if pixels.dim() == 4 else image_to_text_doc
     if codec.kind == DISCRETE:
-        return image_to_text_doc(tokenizer, rows.long() + tokenizer.vocab_size, grid, kind=DISCRETE,
-                                 attention=attention)
-    return image_to_text_doc(tokenizer, rows, grid, attention=attention)
+        return doc(tokenizer, rows.long() + tokenizer.vocab_size, grid, kind=DISCRETE,
+                   attention=attention)
+    return doc(tokenizer, rows, grid, attention=attention)
 
 
 def _eager():

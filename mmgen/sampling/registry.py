@@ -2,11 +2,20 @@
 """A sampler maps a model and a list of prompts to outputs, reading everything else from a
 :class:`SampleContext` (the run's facts, built once by the trainer layer): never the job config.
 
-Every sampler says what it reads (``reads``: held-out ``"caption"`` or ``"image"``) and what it
-draws (``task``: ``"text_to_image"`` or ``"image_to_text"``, also its dashboard key), so the
-trainer's sample hook, the evaluations and ``mmgen sample`` can feed any of them without
-knowing which family it belongs to. Objectives name theirs in a ``samplers`` class attribute
-(``TransfusionObjective.samplers = ("flow_t2i", "text")``).
+Every sampler says what it reads (``reads``: held-out ``"caption"``, ``"image"`` or
+``"video"``) and what it draws (``task``: ``"text_to_image"``, ``"image_to_text"``,
+``"text_to_video"``, ``"video_to_text"``, also its dashboard key), so the trainer's sample hook,
+the evaluations and ``mmgen sample`` can feed any of them without knowing which family it
+belongs to. Objectives name theirs in a ``samplers`` class attribute
+(``TransfusionObjective.samplers = ("flow_t2i", "text")``) and their clip samplers in
+``video_samplers`` (``("flow_t2v", "text_v2t")``, read by ``mmgen eval shapes --video``).
+
+Video samplers are registered under their own names rather than making the image ones
+frame-aware: a sampler's ``task`` fixes the layout of what it returns (images ``[n, C, H, W]``,
+clips ``[n, T, C, H, W]``) and every consumer dispatches on it (the sample hook turns a
+text-to-image output into one PNG tile per image), so one name never changes layout with the
+context. They share the image samplers' code: the flow ODE over a span of grid
+``ctx.grid_thw``, captions after a clean span, the discrete-token AR loop.
 """
 from __future__ import annotations
 
@@ -17,14 +26,16 @@ from typing import Protocol, Sequence
 import torch
 import torch.nn as nn
 
+from mmgen.batch import CAUSAL, FULL
 from mmgen.models.codecs import VisualCodec
 from mmgen.models.tokenizers.text import ByteTokenizer
 from mmgen.sampling.captions import generate_captions
 from mmgen.sampling.config import SamplerConfig
-from mmgen.sampling.images import generate_images
+from mmgen.sampling.images import generate_images, generate_videos
 
-CAPTION, IMAGE = "caption", "image"                         # what a sampler reads
+CAPTION, IMAGE, VIDEO = "caption", "image", "video"         # what a sampler reads
 TEXT_TO_IMAGE, IMAGE_TO_TEXT = "text_to_image", "image_to_text"   # what it draws
+TEXT_TO_VIDEO, VIDEO_TO_TEXT = "text_to_video", "video_to_text"
 RECONSTRUCTION = "reconstruction"   # images from images: a codec's input -> decode(encode(input))
 
 
@@ -34,11 +45,14 @@ class SampleContext:
 
     Args:
         tokenizer: the run's text tokenizer.
-        image_size: side in pixels of the images drawn and read.
+        image_size: side in pixels of the images drawn and read (of a clip's frames, for the
+            video samplers: ``data.frame_size``).
         codec: the run's visual codec (``data.codec``): span grids, payload width, decoding.
         cfg: the sampler knobs (``sampler.*`` of the job).
         precision: as ``trainer.precision``: "auto" (bf16 autocast on CUDA, fp32 on CPU),
             "bf16" or "fp32", so samples run in the dtype the model trained in.
+        frames: frames of the clips the video samplers draw (``data.video_frames``); the
+            image samplers ignore it.
     """
 
     tokenizer: ByteTokenizer
@@ -46,11 +60,21 @@ class SampleContext:
     codec: VisualCodec
     cfg: SamplerConfig = field(default_factory=SamplerConfig)
     precision: str = "auto"
+    frames: int = 1
+
+    def __post_init__(self):
+        if self.frames < 1:
+            raise ValueError(f"sample context: frames must be >= 1, got {self.frames}")
 
     @property
     def grid_hw(self) -> tuple[int, int]:
         _, h, w = self.codec.grid(self.image_size)
         return h, w
+
+    @property
+    def grid_thw(self) -> tuple[int, int, int]:
+        """The span grid of one clip of ``frames`` frames (the video samplers')."""
+        return self.codec.grid(self.image_size, self.frames)
 
     def autocast(self, device: torch.device):
         if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
@@ -59,12 +83,14 @@ class SampleContext:
 
 
 class Sampler(Protocol):
-    task: str      # TEXT_TO_IMAGE or IMAGE_TO_TEXT
-    reads: str     # CAPTION (a list of str) or IMAGE (a [n, 3, H, W] tensor in [-1, 1])
+    task: str      # TEXT_TO_IMAGE, IMAGE_TO_TEXT, TEXT_TO_VIDEO, VIDEO_TO_TEXT (or RECONSTRUCTION)
+    reads: str     # CAPTION (a list of str), IMAGE (a [n, 3, H, W] tensor in [-1, 1]) or
+                   # VIDEO (a [n, T, 3, H, W] tensor in [-1, 1])
 
     def __call__(self, model: nn.Module, prompts, ctx: SampleContext):
-        """Images ``[n, 3, H, W]`` in [-1, 1] for TEXT_TO_IMAGE, one string per image for
-        IMAGE_TO_TEXT; on the model's device, in ``ctx.precision``."""
+        """Images ``[n, 3, H, W]`` in [-1, 1] for TEXT_TO_IMAGE, clips ``[n, ctx.frames, 3, H,
+        W]`` for TEXT_TO_VIDEO, one string per image or clip for IMAGE_TO_TEXT /
+        VIDEO_TO_TEXT; on the model's device, in ``ctx.precision``."""
         ...
 
 
@@ -162,12 +188,61 @@ class ARCaptions:
     task, reads = IMAGE_TO_TEXT, IMAGE
 
     def __call__(self, model: nn.Module, prompts: torch.Tensor, ctx: SampleContext) -> list[str]:
-        from mmgen.batch import CAUSAL
-
         dev = _device(model)
         with ctx.autocast(dev):
             return generate_captions(model, ctx.tokenizer, prompts, ctx.codec, ctx.cfg, dev,
                                      attention=CAUSAL)
+
+
+class FlowTextToVideo:
+    """The flow ODE with classifier-free guidance over a clip span of grid ``ctx.grid_thw``
+    (:func:`generate_videos`): ``[n, T, C, H, W]``."""
+
+    task, reads = TEXT_TO_VIDEO, CAPTION
+
+    def __call__(self, model: nn.Module, prompts: Sequence[str], ctx: SampleContext) -> torch.Tensor:
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_videos(model, ctx.tokenizer, list(prompts), ctx.grid_thw, ctx.codec,
+                                   ctx.cfg, dev)
+
+
+class GreedyVideoCaptions:
+    """Greedy text decoding after a clean clip span ``[BOS] [BOV] <clip> [EOV]``, with a KV
+    cache (:func:`generate_captions` on ``[n, T, C, H, W]`` clips)."""
+
+    task, reads = VIDEO_TO_TEXT, VIDEO
+    attention = FULL
+
+    def __call__(self, model: nn.Module, prompts: torch.Tensor, ctx: SampleContext) -> list[str]:
+        if prompts.dim() != 5:
+            raise ValueError(f"video captions read clips [n, T, C, H, W], got {list(prompts.shape)}")
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_captions(model, ctx.tokenizer, prompts, ctx.codec, ctx.cfg, dev,
+                                     attention=self.attention)
+
+
+class ARVideoCaptions(GreedyVideoCaptions):
+    """:class:`GreedyVideoCaptions` with the clip span CAUSAL (``objective=vq_ar``, as
+    :class:`ARCaptions`)."""
+
+    attention = CAUSAL
+
+
+class ARTextToVideo:
+    """Discrete-token AR over a clip: ``ctx.frames`` frames of codes after ``[BOS] caption
+    [BOV]``, decoded by the codec (:func:`mmgen.sampling.ar.generate_videos_ar`)."""
+
+    task, reads = TEXT_TO_VIDEO, CAPTION
+
+    def __call__(self, model: nn.Module, prompts: Sequence[str], ctx: SampleContext) -> torch.Tensor:
+        from mmgen.sampling.ar import generate_videos_ar
+
+        dev = _device(model)
+        with ctx.autocast(dev):
+            return generate_videos_ar(model, ctx.tokenizer, list(prompts), ctx.codec,
+                                      ctx.image_size, ctx.frames, ctx.cfg, dev)
 
 
 class Reconstruct:
@@ -193,6 +268,10 @@ SAMPLERS: dict[str, Sampler] = {
     "ar_text": ARCaptions(),
     "maskgit_t2i": MaskGITTextToImage(),
     "mar_t2i": MARTextToImage(),
+    "flow_t2v": FlowTextToVideo(),
+    "text_v2t": GreedyVideoCaptions(),
+    "ar_t2v": ARTextToVideo(),
+    "ar_v2t": ARVideoCaptions(),
 }
 
 
@@ -208,7 +287,7 @@ def get_sampler(name: str) -> Sampler:
 
 
 def sampler_reading(names: Sequence[str], reads: str, owner: str = "the objective") -> str:
-    """The first of ``names`` whose sampler reads ``reads`` (CAPTION or IMAGE).
+    """The first of ``names`` whose sampler reads ``reads`` (CAPTION, IMAGE or VIDEO).
 
     Args:
         names: sampler names, e.g. an objective's ``samplers``.
