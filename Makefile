@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # On CPU machines this is a local CPU wheel; GPU clusters keep the CUDA torch already in
 # their environment (make install VENV=... TORCH_SPEC=) and pip will not replace it.
 TORCH_SPEC ?= torch==2.13.0
-RUN ?= shapes_cpu
+RUN ?= shapes_fast_cpu
 
 .PHONY: install demo test data data-video clean-demo
 
@@ -27,7 +27,11 @@ install: $(VENV)/.installed
 data/shapes/val: | $(VENV)/.installed
 	$(BIN)/mmgen data make-shapes --out data/shapes
 
-data: data/shapes/val
+# the caption BPE of experiment=shapes_fast_cpu (data.tokenizer=hf:data/shapes/tokenizer)
+data/shapes/tokenizer/tokenizer.json: | data/shapes/val
+	$(BIN)/mmgen data train-tokenizer data/shapes/train --out data/shapes/tokenizer
+
+data: data/shapes/val data/shapes/tokenizer/tokenizer.json
 
 # the moving-shapes clips (experiment=shapes_video_cpu, data=shapes_mix): 16 frames at 8 fps
 data/shapes_video/val: | $(VENV)/.installed
@@ -35,11 +39,12 @@ data/shapes_video/val: | $(VENV)/.installed
 
 data-video: data/shapes_video/val
 
-# ~8 minutes of training on 2 CPU cores (1,000 of the benchmark's 1,200 steps; max_minutes
-# keeps the whole demo within 15 minutes on a loaded machine), then scores on 100 held-out
-# prompts and images and the sample grid's path. The full benchmark: bench/shapes_quality.py.
+# experiment=shapes_fast_cpu: 1,600 steps, ~4 minutes of training on 2 quiet CPU cores and
+# ~8.5 on a machine twice as slow (its max_minutes=9 keeps the demo within 15 minutes on a
+# loaded one), then scores on 100 held-out prompts and images and the sample grid's path.
+# The slower original benchmark preset: experiment=shapes_cpu (bench/shapes_quality.py).
 demo: install data
-	$(BIN)/mmgen-train experiment=shapes_cpu name=$(RUN) trainer.steps=1000 trainer.max_minutes=9
+	$(BIN)/mmgen-train experiment=shapes_fast_cpu name=$(RUN)
 	$(BIN)/mmgen eval shapes runs/$(RUN) --num-samples 100
 
 test: install

@@ -23,6 +23,19 @@ NEEDS_CODEC = {("objective", "vq_ar"): "vq", ("experiment", "shapes_vqar_cpu"): 
                ("experiment", "shapes_latent_gpu"): "vae", ("experiment", "shapes_video_vqar_cpu"): "vq"}
 
 
+# options whose data.tokenizer is the caption BPE `make data` writes (data/shapes/tokenizer)
+NEEDS_TOKENIZER = {("experiment", "shapes_fast_cpu")}
+
+
+def tokenizer_overrides(tmp_path) -> list[str]:
+    """``data.tokenizer`` pointing at a byte-level BPE learnt here from the shapes captions."""
+    from mmgen.data.synthetic.shapes import all_specs
+    from mmgen.data.tools.tokenizer import train_bpe
+
+    train_bpe([s.caption() for s in all_specs()] * 2, tmp_path / "tok")
+    return [f"data.tokenizer=hf:{tmp_path / 'tok'}"]
+
+
 def codec_overrides(kind: str, tmp_path) -> list[str]:
     """``data.codec`` (+ vocabulary) overrides pointing at a tiny random mmgen codec of ``kind``."""
     from mmgen.models.codecs.config import AutoencoderConfig
@@ -53,6 +66,8 @@ def test_every_shipped_config_composes(group, tmp_path):
                 compose_job(["model=hf"])
         if (group, opt) in NEEDS_CODEC:   # options that read a trained codec: a tiny one made here
             extra = codec_overrides(NEEDS_CODEC[group, opt], tmp_path)
+        if (group, opt) in NEEDS_TOKENIZER:   # options that read `make data`'s caption BPE
+            extra = tokenizer_overrides(tmp_path)
         job = compose_job([f"{group}={opt}", *extra])
         job.validate()
 

@@ -44,6 +44,17 @@ def cmd_make_shapes(a) -> None:
     print(f"wrote {counts} under {Path(a.out).resolve()}")
 
 
+def cmd_train_tokenizer(a) -> None:
+    from mmgen.data.tools.tokenizer import shard_texts, train_bpe
+    from mmgen.models.tokenizers import build_tokenizer
+
+    paths, _ = shard_paths(a.shards)
+    path = train_bpe(shard_texts(paths), a.out, vocab_size=a.vocab_size, min_frequency=a.min_frequency)
+    tok = build_tokenizer(f"hf:{a.out}")
+    print(f"wrote {path} ({tok.vocab_size} ids with mmgen's specials; data.tokenizer=hf:{a.out}) "
+          f"from {len(paths)} shards")
+
+
 def cmd_make_shapes_video(a) -> None:
     from mmgen.data.synthetic.shapes_video import make_video_splits
 
@@ -395,6 +406,14 @@ def add_data_commands(subparsers) -> None:
     ms.add_argument("--per-shard", type=int, default=1000)
     ms.add_argument("--seed", type=int, default=0)
     ms.set_defaults(func=cmd_make_shapes)
+
+    tk = data.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer.json on the shards' captions "
+                         "and texts (for data.tokenizer=hf:DIR)")
+    tk.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
+    tk.add_argument("--out", required=True, help="directory for tokenizer.json")
+    tk.add_argument("--vocab-size", type=int, default=512, help="at most this many ids, the 256 bytes included")
+    tk.add_argument("--min-frequency", type=int, default=2)
+    tk.set_defaults(func=cmd_train_tokenizer)
 
     mv = data.add_parser("make-shapes-video", help="write captioned moving-shape mp4 clips as shards")
     mv.add_argument("--out", default="data/shapes_video")
