@@ -157,3 +157,66 @@ def test_one_causal_document_with_logits_everywhere_is_6NT_plus_causal_attention
     # row has T (T + 1) / 2.
     attention = 3 * 2 * 2 * cfg.dim * cfg.n_layers * b * t * (t + 1) // 2
     assert training_flops(cfg, batch) == 6 * n * b * t + attention
+
+
+# -- heads other families have: no flow head, the MAR denoiser ---------------------------------------
+def test_no_visual_head_without_a_flow_head():
+    """A model without "flow" (MAR's lm + mar) has no ``visual_out``: nothing is charged for it;
+    ``patch_in`` still runs at every continuous position."""
+    work = batch_work(hand_batch())
+    no_flow = dataclasses.replace(HAND, heads=["lm"])
+    parts = forward_flops(no_flow, work)
+    assert parts["visual_head"] == 0 and parts["visual_in"] == 2 * 12 * 8 * 4
+    assert not hasattr(build_model(no_flow, device="meta"), "visual_out")
+    assert training_flops(no_flow, work) == training_flops(HAND, work) - 3 * 2 * 8 * 12 * 4
+
+
+MAR_CFG = dataclasses.replace(HAND, heads=["lm", "mar"], mar_width=6, mar_depth=2)
+
+
+def test_mar_row_flops_is_every_linear_of_the_denoiser_once():
+    """Hand count from the module's parameter shapes (every Linear of ``MARDenoiser`` runs once
+    per noised row: 2 * in * out), and torch's own FLOP counter on a real forward of M rows."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmgen.metrics.flops import mar_row_flops
+
+    head = build_model(MAR_CFG, device="cpu").mar_head
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 4 + 3 * MAR_CFG.mar_depth + 2   # input, cond, time x2; blocks; final ada, out
+    by_shape = sum(2 * m.in_features * m.out_features for m in linears)
+    w, p, d, f = 6, 12, 8, 4
+    hand = 2 * p * w + 2 * (f * w + w * w) + 2 * d * w + 2 * 2 * (3 * w * w + 2 * w * w) + 2 * w * 2 * w + 2 * w * p
+    assert mar_row_flops(MAR_CFG) == by_shape == hand == 1368
+    m = 7
+    with FlopCounterMode(display=False) as counter:
+        head(torch.randn(m, p), torch.rand(m), torch.randn(m, d))
+    assert counter.get_total_flops() == m * hand
+
+
+def test_mar_model_view_charges_the_denoiser_at_the_expected_masked_positions():
+    """MARObjective.model_view: the batch's own counts plus mar_draws x E[masked] denoiser rows
+    (the 2x2 target image of hand_batch: 4 candidates), no flow head; the expectation equals
+    the mean of the objective's own mask draws."""
+    from mmgen.metrics.flops import mar_row_flops
+    from mmgen.objectives.config import ObjectiveConfig
+    from mmgen.objectives.mar import MARObjective, expected_masked, sample_mask
+
+    batch = hand_batch()
+    obj = MARObjective(ObjectiveConfig(name="mar", mar_draws=3, mar_mask_min=0.7))
+    view = obj.model_view(batch)
+    assert dataclasses.replace(view, denoiser_rows=0.0) == batch_work(batch)
+    e4 = float(expected_masked(torch.tensor([4]), 0.7)[0])
+    # r in [0.7, 1]: ceil(4 r) is 3 for r <= 0.75, else 4: E = 3 + P(r > 0.75)
+    phi = lambda x: 0.5 * (1 + torch.erf(torch.tensor(x / 0.25) / 2 ** 0.5))  # noqa: E731
+    assert abs(e4 - (3 + (phi(0.0) - phi(-0.25)) / (phi(0.0) - phi(-0.3)))) < 1e-6
+    assert view.denoiser_rows == pytest.approx(3 * e4)
+    parts = forward_flops(MAR_CFG, view)
+    assert parts["visual_head"] == 0 and parts["mar_head"] == round(mar_row_flops(MAR_CFG) * 3 * e4)
+    plain = forward_flops(MAR_CFG, batch_work(batch))
+    assert training_flops(MAR_CFG, view) - training_flops(MAR_CFG, batch) == 3 * parts["mar_head"] > 0
+    assert plain["mar_head"] == 0
+    g = torch.Generator().manual_seed(0)
+    draws = [int(sample_mask(batch, 0.7, g).sum()) for _ in range(3000)]
+    assert sum(draws) / len(draws) == pytest.approx(e4, abs=0.03)
+    assert set(draws) == {3, 4}

@@ -10,8 +10,20 @@ Counting rules (one convention, so numbers compare across families, layouts and 
   once per **non-padding** position. The dense kernels also compute padding, but that is not
   model work, so a badly packed batch shows up as lower MFU.
 * Each head only where it runs: the text (LM) head at positions with a next-token target
-  (``targets != IGNORE_INDEX``), the visual input projection ``patch_in`` and the visual head
-  ``visual_out`` at continuous visual positions, the timestep MLP once per span.
+  (``targets != IGNORE_INDEX``), the visual input projection ``patch_in`` at continuous visual
+  positions, the visual head ``visual_out`` there too when the model has it (the "flow" head
+  in ``model.heads``), the timestep MLP once per span.
+* The per-token MLP denoiser (the "mar" head, MAR / Harmon: ``mmgen/models/heads.py``
+  ``MARDenoiser``) once per noised row it is given: ``objective.mar_draws`` rows per masked
+  position. Its matmuls per row (:func:`mar_row_flops`): the input projection
+  (``patch_dim -> w``), the time MLP (``timestep_dim -> w -> w``), the conditioning
+  projection (``dim -> w``), per AdaLN block the modulation (``w -> 3w``) and the two MLP
+  layers (``w -> w``), the final modulation (``w -> 2w``) and the output (``w -> patch_dim``).
+  Which positions are masked is drawn inside the objective, after the host counted the step,
+  so this term is an **expectation**: ``BatchWork.denoiser_rows`` holds the expected number
+  of rows (``mmgen.objectives.mar.expected_masked``: exact for MAR's truncated-normal ratio
+  and its ``ceil``, >= 1 clamp), and the term is rounded to an integer. A run's sum over many
+  steps is then right on average, one step's figure is not the FLOPs of that exact draw.
 * Attention per **allowed** (query, key) pair of the mask, per layer: QK^T and AV are two
   matmuls of ``2 * head_dim`` FLOPs per pair and query head, so ``4 * head_dim * n_heads``.
   Under GQA every query head still scores every key, so it is ``n_heads``, not ``n_kv_heads``.
@@ -58,6 +70,8 @@ class BatchWork:
         visual_positions: continuous visual positions (``patch_in`` and ``visual_out``).
         spans: timestep MLP evaluations (one per span of the span table).
         attention_pairs: allowed (query, key) pairs of the mask, padding excluded.
+        denoiser_rows: rows the "mar" denoiser runs on (draws x masked positions); an expected
+            value, hence a float (module docstring). 0 for every other family.
     """
 
     positions: int
@@ -66,6 +80,7 @@ class BatchWork:
     visual_positions: int
     spans: int
     attention_pairs: int
+    denoiser_rows: float = 0.0
 
 
 def attention_pairs(document_ids: torch.Tensor, span_ids: torch.Tensor,
@@ -160,14 +175,30 @@ def forward_flops(cfg: ModelConfig, work: BatchWork) -> dict[str, int]:
         hidden = cfg.moe_ffn_dim or cfg.ffn_dim
         moe_ffn = 2 * d * cfg.moe_experts + (cfg.moe_top_k + cfg.moe_shared_experts) * 3 * 2 * d * hidden
         linear += n_moe * (moe_ffn - 3 * 2 * d * cfg.ffn_dim) * work.tokens
-    return {
+    parts = {
         "linear": linear,
         "attention": cfg.n_layers * 2 * 2 * hd * cfg.n_heads * work.attention_pairs,
         "text_head": 2 * d * cfg.vocab_size * work.text_targets,
         "visual_in": 2 * cfg.patch_dim * d * work.visual_positions,
-        "visual_head": 2 * d * cfg.patch_dim * work.visual_positions,
+        "visual_head": 2 * d * cfg.patch_dim * work.visual_positions if "flow" in cfg.heads else 0,
         "timestep": 2 * (cfg.timestep_dim * d + d * d) * work.spans,
     }
+    if "mar" in cfg.heads:
+        parts["mar_head"] = round(mar_row_flops(cfg) * work.denoiser_rows)
+    return parts
+
+
+def mar_row_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs of the "mar" denoiser (``MARDenoiser``) on one noised row: its matmuls
+    (the module docstring lists them), ``2 a b`` per ``[a, b]`` weight.
+
+    Args:
+        cfg: the model shape (``mar_width``, ``mar_depth``, ``dim``, ``patch_dim``, ``timestep_dim``).
+    """
+    w, p = cfg.mar_width, cfg.patch_dim
+    embed = 2 * p * w + 2 * (cfg.timestep_dim * w + w * w) + 2 * cfg.dim * w   # input, time MLP, cond
+    blocks = cfg.mar_depth * 2 * (w * 3 * w + w * w + w * w)                     # ada, fc1, fc2
+    return embed + blocks + 2 * w * 2 * w + 2 * w * p                            # final ada, out
 
 
 def training_flops(cfg: ModelConfig, batch: MultimodalBatch | BatchWork) -> int:

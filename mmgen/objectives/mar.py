@@ -29,6 +29,7 @@ setup) this is exactly MAR's mean over masked tokens; here each span draws its o
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,32 @@ def mask_ratios(n: int, low: float, generator: torch.Generator) -> torch.Tensor:
     b = torch.special.ndtr(torch.tensor((1.0 - MASK_MEAN) / MASK_STD, dtype=torch.float64))
     r = MASK_MEAN + MASK_STD * torch.special.ndtri(a + u * (b - a))
     return r.clamp(low, 1.0)
+
+
+def expected_masked(n: torch.Tensor, low: float) -> torch.Tensor:
+    """``[S]`` float64: the expected number of positions :func:`sample_mask` masks in a span of
+    ``n`` candidates, ``E[min(max(ceil(r n), 1), n)]`` for ``r`` from :func:`mask_ratios`'
+    truncated normal on ``[low, 1]``: exactly, as ``sum_{j=0}^{n-1} P(r > j / n)`` (``m >= k``
+    iff ``r n > k - 1``; ``r > 0`` almost surely, so the >= 1 clamp only matters at ``low = 0``
+    where it changes nothing) with the truncated normal's CDF. For the FLOP count of the
+    denoiser (``mmgen/metrics/flops.py``), which must be known before the mask is drawn.
+
+    Args:
+        n: ``[S]`` long, candidate positions per span (0: nothing masked).
+        low: ``objective.mar_mask_min``.
+    """
+    n = n.cpu().to(torch.float64)
+    size = int(n.max()) if n.numel() else 0
+    if size == 0:
+        return torch.zeros_like(n)
+    if low >= 1.0:
+        return n.clone()                  # r = 1: every candidate
+    j = torch.arange(size, dtype=torch.float64)
+    x = j[None, :] / n.clamp(min=1)[:, None]                               # [S, size]
+    cdf = lambda v: torch.special.ndtr((v - MASK_MEAN) / MASK_STD)          # noqa: E731
+    a, b = cdf(torch.tensor(low, dtype=torch.float64)), cdf(torch.tensor(1.0, dtype=torch.float64))
+    below = ((cdf(x) - a) / (b - a)).clamp(0.0, 1.0)                       # P(r <= j / n)
+    return ((1.0 - below) * (j[None, :] < n[:, None])).sum(1)
 
 
 def sample_mask(batch: MultimodalBatch, low: float, generator: torch.Generator) -> torch.Tensor:
@@ -145,6 +172,18 @@ class MARObjective:
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg.validate()
+
+    def model_view(self, batch: MultimodalBatch):
+        """What the model does on ``batch``, for the trainer's FLOP count: the batch's own
+        counts (``mmgen.metrics.flops.batch_work``: the trunk, ``patch_in`` and the "lm" head
+        at text targets) plus the denoiser's rows, ``mar_draws`` per masked position. The mask
+        is drawn in :meth:`__call__`, after the count, so the masked positions are their
+        expected number per target span (:func:`expected_masked`, exact for the ratio law).
+        Returns a ``BatchWork``."""
+        from mmgen.metrics.flops import batch_work
+
+        masked = expected_masked(span_candidates(batch), self.cfg.mar_mask_min).sum()
+        return dataclasses.replace(batch_work(batch), denoiser_rows=float(self.cfg.mar_draws * masked))
 
     def local_counts(self, batch: MultimodalBatch) -> dict[str, torch.Tensor]:
         spans = target_spans(batch)
