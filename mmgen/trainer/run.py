@@ -180,6 +180,11 @@ def train_and_evaluate(job: JobConfig, run_dir: Path, dist: DistInfo) -> None:
         state = trainer.train()
     except Preempted as e:
         log.warning("%s", e)
+        # every rank stops at the same step (the stop flag is all-reduced), so they can meet
+        # here: a rank that tore its process group down while a peer was still in the
+        # checkpoint's last collective made gloo abort that peer ("terminate called without an
+        # active exception", exit 134 instead of 3; seen once in five CI runs)
+        barrier()
         sys.exit(REQUEUE_EXIT_CODE)
     except NonFiniteLossError as e:
         print(f"mmgen-train: error: {e}", file=sys.stderr)
